@@ -1,0 +1,112 @@
+import uuid
+
+from django.contrib.postgres.functions import RandomUUID
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+
+from agents.fields import DatabaseNow as Now
+from agents.fields import EncryptedArrayField
+
+
+class Tenant(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, db_default=RandomUUID())
+    name = models.CharField(max_length=255)
+    slug = models.SlugField(max_length=100, unique=True)
+    created_at = models.DateTimeField(db_default=Now(), editable=False)
+
+    class Meta:
+        db_table = "tenants"
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class AgentStatus(models.TextChoices):
+    ACTIVE = "active"
+    INACTIVE = "inactive"
+    SUSPENDED = "suspended"
+
+
+class Agent(models.Model):
+    # default= lets Python know the id before INSERT (bulk paths); db_default keeps
+    # gen_random_uuid() for rows written outside Django.
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, db_default=RandomUUID())
+    name = models.CharField(max_length=255)
+    agent_type = models.CharField(max_length=50)
+    # db_index=False: idx_agents_tenant_type leads with tenant_id and serves tenant lookups.
+    tenant = models.ForeignKey(
+        Tenant, on_delete=models.CASCADE, related_name="agents", db_index=False
+    )
+    created_at = models.DateTimeField(db_default=Now(), editable=False)
+    # Moved by a database trigger on every UPDATE, queryset and bulk updates included.
+    updated_at = models.DateTimeField(db_default=Now(), editable=False)
+
+    belief_state = EncryptedArrayField(null=True, blank=True)
+    personality_traits = models.JSONField(null=True, blank=True)
+    energy_level = models.IntegerField(
+        default=100,
+        db_default=100,
+        validators=[MinValueValidator(0), MaxValueValidator(100)],
+    )
+    location_h3 = models.CharField(max_length=15, null=True, blank=True)
+
+    status = models.CharField(
+        max_length=20,
+        choices=AgentStatus,
+        default=AgentStatus.ACTIVE,
+        db_default="active",
+    )
+    last_active_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        db_table = "agents"
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(energy_level__gte=0) & Q(energy_level__lte=100),
+                name="valid_energy",
+                violation_error_message="energy_level must be between 0 and 100.",
+            ),
+            models.CheckConstraint(
+                condition=Q(status__in=AgentStatus.values),
+                name="valid_status",
+                violation_error_message="status must be one of: active, inactive, suspended.",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["tenant", "agent_type"], name="idx_agents_tenant_type"),
+            models.Index(fields=["location_h3"], name="idx_agents_location"),
+            models.Index(fields=["last_active_at"], name="idx_agents_last_active"),
+            models.Index(
+                fields=["tenant", "status", "last_active_at"],
+                name="idx_agents_composite",
+                condition=Q(status="active"),
+            ),
+        ]
+
+    def __str__(self):
+        return self.name
+
+
+class AgentHistory(models.Model):
+    """One row per agent state update, in a table partitioned by month of recorded_at.
+
+    The table is made by raw SQL in the migrations (Django cannot declare
+    partitioning); its primary key is (id, recorded_at) because PostgreSQL requires
+    the partition key in every unique constraint.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, db_default=RandomUUID())
+    agent = models.ForeignKey(
+        Agent, on_delete=models.DO_NOTHING, db_constraint=False, related_name="history"
+    )
+    recorded_at = models.DateTimeField(db_default=Now())
+    belief_state = EncryptedArrayField(null=True)
+    energy_level = models.IntegerField(null=True)
+
+    class Meta:
+        db_table = "agent_history"
+        managed = False
+        ordering = ["-recorded_at"]

@@ -1,0 +1,11 @@
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "freeagentics.settings")
+# Django must be set up before anything imports models (the websocket routes do).
+django_asgi_app = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter
+
+application = ProtocolTypeRouter({"http": django_asgi_app})

@@ -1,0 +1,204 @@
+"""FreeAgentics settings, read from environment variables in this one module.
+
+Defaults exist only for local development. With DEBUG off, the variables that
+guard data (SECRET_KEY, FREEAGENTICS_ENCRYPTION_KEYS, DATABASE_URL) must be set.
+"""
+
+import os
+from pathlib import Path
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"{name} must be a boolean (true/false), got {raw!r}.")
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    if raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be an integer, got {raw!r}.") from None
+
+
+def env_list(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+def required(name: str, dev_default: str) -> str:
+    """A variable that production must set; development falls back to dev_default."""
+    value = os.environ.get(name, "")
+    if value:
+        return value
+    if DEBUG:
+        return dev_default
+    raise ImproperlyConfigured(f"{name} must be set when DEBUG is off.")
+
+
+def database_from_url(url: str) -> dict:
+    parts = urlsplit(url)
+    if parts.scheme not in {"postgres", "postgresql"}:
+        raise ImproperlyConfigured(
+            f"DATABASE_URL must be a postgres:// URL, got scheme {parts.scheme!r}."
+        )
+    options = dict(parse_qsl(parts.query))
+    pool_max = env_int("DATABASE_POOL_MAX_SIZE", 20)
+    config = {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": unquote(parts.path.lstrip("/")) or "postgres",
+        "USER": unquote(parts.username or ""),
+        "PASSWORD": unquote(parts.password or ""),
+        "HOST": parts.hostname or "",
+        "PORT": str(parts.port or ""),
+        "OPTIONS": options,
+        "TEST": {"NAME": os.environ.get("DATABASE_TEST_NAME") or None},
+    }
+    if pool_max > 0:
+        # Django's psycopg pool replaces per-request connects; CONN_MAX_AGE must stay 0.
+        config["OPTIONS"]["pool"] = {
+            "min_size": env_int("DATABASE_POOL_MIN_SIZE", 2),
+            "max_size": pool_max,
+            "timeout": env_int("DATABASE_POOL_TIMEOUT", 10),
+        }
+    return config
+
+
+DEBUG = env_bool("DEBUG", False)
+
+SECRET_KEY = required("SECRET_KEY", "dev-only-insecure-secret-key-do-not-use-in-production")
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost" if DEBUG else "")
+
+# Comma-separated Fernet keys: the first encrypts, every key decrypts (MultiFernet).
+FREEAGENTICS_ENCRYPTION_KEYS = env_list(
+    "FREEAGENTICS_ENCRYPTION_KEYS",
+    # Development-only key, so a fresh checkout runs; never valid with DEBUG off.
+    "" if not DEBUG else "ZGV2LW9ubHkta2V5LWRvLW5vdC11c2UtMzItYnl0ZXM=",
+)
+if not FREEAGENTICS_ENCRYPTION_KEYS:
+    raise ImproperlyConfigured("FREEAGENTICS_ENCRYPTION_KEYS must be set when DEBUG is off.")
+
+DATABASES = {
+    "default": database_from_url(
+        required("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/freeagentics")
+    )
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = required("REDIS_URL", "redis://127.0.0.1:6379/0")
+CACHES = {
+    "default": {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": os.environ.get("CACHE_KEY_PREFIX", ""),
+        "OPTIONS": {
+            "CLIENT_CLASS": "django_redis.client.DefaultClient",
+            "SOCKET_CONNECT_TIMEOUT": 1,
+            "SOCKET_TIMEOUT": 1,
+        },
+    }
+}
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {
+            "hosts": [REDIS_URL],
+            "prefix": os.environ.get("CHANNEL_PREFIX", "asgi"),
+        },
+    }
+}
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.postgres",
+    "channels",
+    "agents",
+    "coalitions",
+    "metrics",
+    "backups",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "freeagentics.urls"
+WSGI_APPLICATION = "freeagentics.wsgi.application"
+ASGI_APPLICATION = "freeagentics.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", BASE_DIR / "var" / "static"))
+
+SILENCED_SYSTEM_CHECKS = [
+    # PostgreSQL scopes CHECK constraint names per table, and ADR-012 names the
+    # constraints on agents and coalitions identically (valid_status).
+    "models.E032",
+    # The 30-character index name limit exists for Oracle; PostgreSQL allows 63 and
+    # ADR-012 names idx_coalition_members_performance.
+    "models.E034",
+]
+
+# Agent validation bounds (issue: services).
+H3_MIN_RESOLUTION = env_int("H3_MIN_RESOLUTION", 0)
+H3_MAX_RESOLUTION = env_int("H3_MAX_RESOLUTION", 15)
+BELIEF_MAX_ELEMENTS = env_int("BELIEF_MAX_ELEMENTS", 65_536)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "INFO"}},
+}

@@ -1,0 +1,18 @@
+"""Test settings: the real settings, pointed at test services; still real PostgreSQL and Redis."""
+
+import os
+
+os.environ.setdefault("SECRET_KEY", "test-secret-key")
+os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/freeagentics")
+os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
+# Fixed test keys, so failures reproduce; never used outside tests.
+os.environ.setdefault(
+    "FREEAGENTICS_ENCRYPTION_KEYS",
+    "j0BikImprDHDLmqRY3Lwqh54e7y_J3kuTUJqAnpvd1M=",
+)
+os.environ.setdefault("CACHE_KEY_PREFIX", "test")
+os.environ.setdefault("CHANNEL_PREFIX", "test-asgi")
+
+from freeagentics.settings import *  # noqa: E402, F403
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
