@@ -50,7 +50,8 @@ class Agent(models.Model):
         db_default=100,
         validators=[MinValueValidator(0), MaxValueValidator(100)],
     )
-    location_h3 = models.CharField(max_length=15, null=True, blank=True)
+    # NULL, not "", means "nowhere yet", as in ADR-012.
+    location_h3 = models.CharField(max_length=15, null=True, blank=True)  # noqa: DJ001
 
     status = models.CharField(
         max_length=20,
@@ -110,3 +111,6 @@ class AgentHistory(models.Model):
         db_table = "agent_history"
         managed = False
         ordering = ["-recorded_at"]
+
+    def __str__(self):
+        return f"{self.agent_id} at {self.recorded_at:%Y-%m-%d %H:%M:%S}"

@@ -13,6 +13,6 @@ os.environ.setdefault(
 os.environ.setdefault("CACHE_KEY_PREFIX", "test")
 os.environ.setdefault("CHANNEL_PREFIX", "test-asgi")
 
-from freeagentics.settings import *  # noqa: E402, F403
+from freeagentics.settings import *  # noqa: F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
