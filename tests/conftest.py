@@ -21,3 +21,25 @@ def tenant(db):
 def other_tenant(db):
     """A second tenant, whose rows the first must never see."""
     return factories.make_tenant(name="Other")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_redis_guard(monkeypatch):
+    """Each test sees Redis as up until it fails in that test."""
+    from agents import cache as agent_cache
+
+    monkeypatch.setattr(agent_cache, "guard", agent_cache._RedisGuard())
+
+
+@pytest.fixture
+def redis_down(settings):
+    """Point the cache at a closed port, as if Redis had stopped."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    caches = {**settings.CACHES}
+    caches["default"] = {**caches["default"], "LOCATION": f"redis://127.0.0.1:{port}/0"}
+    settings.CACHES = caches
+    yield

@@ -1,0 +1,226 @@
+"""Redis caching of agent state and coalition membership (ADR-012 section 2).
+
+Consistency strategy: every cached agent value carries a version, the row's
+updated_at in microseconds. A database trigger sets updated_at on every UPDATE, and
+row locks serialise writers, so a later commit always has a higher version. Writes
+go through one Lua compare-and-set that keeps the higher version, whether they come
+from a writer's on_commit refresh or a reader filling a miss; a slow writer or
+reader can never put an older state over a newer one.
+
+Membership sets use a generation counter instead: writers bump it on commit and
+delete the set; a reader fills a miss only if the generation it saw before reading
+PostgreSQL is still current.
+
+Redis failures never fail a caller: reads fall back to PostgreSQL and writes still
+commit. The first failure is logged, then Redis is left alone for RETRY_AFTER
+seconds, so an outage costs neither a log line nor a timeout per call.
+"""
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from django.core.cache import cache
+from django_redis import get_redis_connection
+from redis.exceptions import RedisError
+
+from agents.types import AgentState
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+BELIEFS_TTL = 300
+MEMBERS_TTL = 600
+GENERATION_TTL = 86_400
+RETRY_AFTER = 5.0
+CHUNK = 1000
+
+_CAS_SCRIPT = """
+local ttl = ARGV[1]
+local written = 0
+for i, key in ipairs(KEYS) do
+    local version = tonumber(ARGV[2 * i])
+    local current = redis.call('GET', key)
+    local current_version = current and tonumber(string.match(current, '^(%d+)'))
+    if not current_version or version > current_version then
+        redis.call('SET', key, ARGV[2 * i + 1], 'EX', ttl)
+        written = written + 1
+    end
+end
+return written
+"""
+
+_FILL_MEMBERS_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[1] then return 0 end
+redis.call('SADD', KEYS[1], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+class _RedisGuard:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._down_since: float | None = None
+        self._retry_at = 0.0
+
+    def call(self, operation: Callable[..., T], default: T) -> T:
+        if self._down_since is not None and time.monotonic() < self._retry_at:
+            return default
+        try:
+            result = operation(get_redis_connection("default"))
+        except (RedisError, OSError) as e:
+            with self._lock:
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    logger.warning("Redis unavailable, falling back to PostgreSQL: %s", e)
+                self._retry_at = time.monotonic() + RETRY_AFTER
+            return default
+        if self._down_since is not None:
+            with self._lock:
+                if self._down_since is not None:
+                    logger.warning(
+                        "Redis answers again after %.0f s", time.monotonic() - self._down_since
+                    )
+                    self._down_since = None
+        return result
+
+
+guard = _RedisGuard()
+
+
+def beliefs_key(agent_id) -> str:
+    return cache.make_key(f"agent:beliefs:{agent_id}")
+
+
+def members_key(coalition_id) -> str:
+    return cache.make_key(f"coalition:members:{coalition_id}")
+
+
+def _generation_key(coalition_id) -> str:
+    return cache.make_key(f"coalition:members:{coalition_id}:gen")
+
+
+# Agent state -------------------------------------------------------------------------
+
+
+def pack_agent(version: int, meta: dict, token: bytes | None) -> bytes:
+    """version, JSON of the plain fields, and the belief token exactly as PostgreSQL
+    stores it: beliefs stay encrypted in Redis at no extra encryption cost."""
+    header = b"%d\n" % version + json.dumps(meta, separators=(",", ":")).encode() + b"\n"
+    return header + (token or b"")
+
+
+def unpack_agent(value: bytes) -> tuple[dict, bytes | None] | None:
+    """(meta, token), or None for a tombstone left by a delete."""
+    _, _, rest = value.partition(b"\n")
+    if not rest:
+        return None
+    meta, _, token = rest.partition(b"\n")
+    return json.loads(meta), (token or None)
+
+
+def agent_entry(state: AgentState, token: bytes | None) -> tuple[uuid.UUID, int, bytes]:
+    """The (agent_id, version, value) cache entry for a state and its belief token."""
+    meta = {
+        "tenant_id": str(state.tenant_id),
+        "name": state.name,
+        "agent_type": state.agent_type,
+        "energy_level": state.energy_level,
+        "location_h3": state.location_h3,
+        "status": state.status,
+        "personality_traits": state.personality_traits,
+        "last_active_at": state.last_active_at.isoformat(),
+        "updated_at": state.updated_at.isoformat(),
+    }
+    return state.id, state.version, pack_agent(state.version, meta, token)
+
+
+def agents_store(entries: Iterable[tuple[object, int, bytes]]) -> None:
+    """Compare-and-set (agent_id, version, packed value) entries; higher versions win."""
+    entries = list(entries)
+    if not entries:
+        return
+
+    def store(redis):
+        script = redis.register_script(_CAS_SCRIPT)
+        with redis.pipeline(transaction=False) as pipe:
+            for start in range(0, len(entries), CHUNK):
+                chunk = entries[start : start + CHUNK]
+                args = [BELIEFS_TTL]
+                for _, version, value in chunk:
+                    args += [version, value]
+                script(
+                    keys=[beliefs_key(agent_id) for agent_id, _, _ in chunk], args=args, client=pipe
+                )
+            pipe.execute()
+
+    guard.call(store, None)
+
+
+def agent_tombstone(agent_id, version: int) -> None:
+    agents_store([(agent_id, version, b"%d\n" % version)])
+
+
+def agent_load(agent_id) -> bytes | None:
+    return guard.call(lambda redis: redis.get(beliefs_key(agent_id)), None)
+
+
+# Coalition membership ----------------------------------------------------------------
+
+
+def _tenant_marker(tenant_id) -> str:
+    return f"tenant:{tenant_id}"
+
+
+def membership_lookup(coalition_id, agent_id, tenant_id) -> tuple[bool | None, str]:
+    """(answer or None on a miss, generation to fill the miss with)."""
+
+    def lookup(redis):
+        with redis.pipeline(transaction=False) as pipe:
+            key = members_key(coalition_id)
+            pipe.exists(key)
+            pipe.sismember(key, str(agent_id))
+            pipe.sismember(key, _tenant_marker(tenant_id))
+            pipe.get(_generation_key(coalition_id))
+            exists, member, same_tenant, generation = pipe.execute()
+        generation = (generation or b"0").decode()
+        if not exists:
+            return None, generation
+        return bool(member and same_tenant), generation
+
+    return guard.call(lookup, (None, ""))
+
+
+def membership_fill(coalition_id, tenant_id, agent_ids: Iterable, generation: str) -> None:
+    if not generation:
+        return
+    members = [_tenant_marker(tenant_id), *(str(a) for a in agent_ids)]
+
+    def fill(redis):
+        script = redis.register_script(_FILL_MEMBERS_SCRIPT)
+        script(
+            keys=[members_key(coalition_id), _generation_key(coalition_id)],
+            args=[generation, MEMBERS_TTL, *members],
+        )
+
+    guard.call(fill, None)
+
+
+def membership_invalidate(coalition_ids: Iterable) -> None:
+    coalition_ids = list(coalition_ids)
+
+    def invalidate(redis):
+        with redis.pipeline(transaction=False) as pipe:
+            for coalition_id in coalition_ids:
+                pipe.incr(_generation_key(coalition_id))
+                pipe.expire(_generation_key(coalition_id), GENERATION_TTL)
+                pipe.delete(members_key(coalition_id))
+            pipe.execute()
+
+    guard.call(invalidate, None)

@@ -1,0 +1,115 @@
+"""Reads of agents. Every function takes the tenant and sees only its rows."""
+
+import datetime
+import uuid
+
+import h3
+from django.core.exceptions import ObjectDoesNotExist
+from django.db import connection
+
+from agents import cache
+from agents.encryption import decrypt_array
+from agents.models import Agent, AgentHistory, Tenant
+from agents.types import AgentState
+from agents.validators import validate_cell, validate_radius
+
+AGENT_NOT_FOUND = "Agent {agent_id} does not exist in tenant {tenant}."
+
+_COLUMNS = (
+    "id, tenant_id, name, agent_type, energy_level, location_h3, status, personality_traits, "
+    "last_active_at, updated_at"
+)
+_LABEL = "agents.Agent.belief_state"
+
+
+class AgentNotFound(ObjectDoesNotExist):
+    pass
+
+
+def _from_cache(value: bytes, tenant: Tenant, agent_id) -> AgentState | None:
+    unpacked = cache.unpack_agent(value)
+    if unpacked is None:
+        return None
+    meta, token = unpacked
+    if meta["tenant_id"] != str(tenant.id):
+        return None
+    return AgentState(
+        id=uuid.UUID(str(agent_id)),
+        tenant_id=tenant.id,
+        name=meta["name"],
+        agent_type=meta["agent_type"],
+        energy_level=meta["energy_level"],
+        location_h3=meta["location_h3"],
+        status=meta["status"],
+        personality_traits=meta["personality_traits"],
+        last_active_at=datetime.datetime.fromisoformat(meta["last_active_at"]),
+        updated_at=datetime.datetime.fromisoformat(meta["updated_at"]),
+        beliefs=None if token is None else decrypt_array(token, label=_LABEL),
+    )
+
+
+def get_agent(*, tenant: Tenant, agent_id) -> AgentState:
+    """The agent with its beliefs decrypted, from the cache when it holds the agent
+    (cache-aside: a miss reads PostgreSQL and fills the cache). Raises AgentNotFound."""
+    cached = cache.agent_load(agent_id)
+    if cached is not None:
+        state = _from_cache(cached, tenant, agent_id)
+        if state is not None:
+            return state
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {_COLUMNS}, belief_state FROM agents WHERE id = %s AND tenant_id = %s",
+            [agent_id, tenant.id],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        raise AgentNotFound(AGENT_NOT_FOUND.format(agent_id=agent_id, tenant=tenant.slug))
+    token = None if row[10] is None else bytes(row[10])
+    state = AgentState(
+        *row[:10], beliefs=None if token is None else decrypt_array(token, label=_LABEL)
+    )
+    cache.agents_store([cache.agent_entry(state, token)])
+    return state
+
+
+def agents_near(*, tenant: Tenant, cell: str, radius: int = 3) -> list[AgentState]:
+    """Active agents of the tenant within `radius` H3 rings of `cell` (beliefs not
+    loaded). Uses h3.grid_disk and idx_agents_location."""
+    validate_cell(cell, field="cell")
+    validate_radius(radius)
+    cells = list(h3.grid_disk(cell, radius))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {_COLUMNS} FROM agents "
+            "WHERE location_h3 = ANY(%s::varchar[]) AND tenant_id = %s AND status = 'active'",
+            [cells, tenant.id],
+        )
+        rows = cursor.fetchall()
+    return [AgentState(*row) for row in rows]
+
+
+def agent_history(
+    *,
+    tenant: Tenant,
+    agent_id,
+    since: datetime.datetime,
+    until: datetime.datetime,
+    limit: int | None = None,
+) -> list[dict]:
+    """History rows of one agent with since <= recorded_at < until, newest first,
+    beliefs decrypted. Partition pruning keeps this to the months in range."""
+    if not Agent.objects.filter(pk=agent_id, tenant=tenant).exists():
+        raise AgentNotFound(AGENT_NOT_FOUND.format(agent_id=agent_id, tenant=tenant.slug))
+    rows = AgentHistory.objects.filter(
+        agent_id=agent_id, recorded_at__gte=since, recorded_at__lt=until
+    ).values("recorded_at", "belief_state", "energy_level")
+    if limit is not None:
+        rows = rows[:limit]
+    return [
+        {
+            "recorded_at": row["recorded_at"],
+            "beliefs": row["belief_state"],
+            "energy_level": row["energy_level"],
+        }
+        for row in rows
+    ]

@@ -1,0 +1,319 @@
+"""Writes to agents. Every function takes the tenant and touches only its rows.
+
+Side effects outside PostgreSQL (cache refresh) run in transaction.on_commit, so a
+rolled-back write announces nothing.
+"""
+
+import datetime
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+
+import numpy as np
+from django.core.exceptions import ValidationError
+from django.db import connection, transaction
+from psycopg.types.json import Jsonb
+
+from agents import cache
+from agents.encryption import encrypt_array
+from agents.models import Agent, AgentStatus, Tenant
+from agents.types import UNSET, AgentState, AgentStateUpdate
+from agents.validators import (
+    validate_beliefs,
+    validate_cell,
+    validate_energy,
+    validate_personality,
+    validate_status,
+)
+
+AGENTS_NOT_FOUND = "agent_id: {count} agent(s) not found in tenant {tenant}: {ids}."
+DUPLICATE_AGENT = "agent_id: {agent_id} appears more than once in one batch."
+NAME_REQUIRED = "name: must be a non-empty string of at most 255 characters."
+TYPE_REQUIRED = "agent_type: must be a non-empty string of at most 50 characters."
+DELTA_TYPE = "delta: must be an integer, got {value!r}."
+ENERGY_WOULD_LEAVE_RANGE = (
+    "energy_level: adjusting {current} by {delta} would leave the allowed range 0..100."
+)
+
+_RETURNING = (
+    "a.id, a.tenant_id, a.name, a.agent_type, a.energy_level, a.location_h3, a.status, "
+    "a.personality_traits, a.last_active_at, a.updated_at"
+)
+
+# One round trip: update the agents, append their history rows, return the new states.
+# recorded_at is the row's updated_at, the same instant the cache versions by.
+_UPDATE_SQL = f"""
+WITH v AS (
+    SELECT * FROM unnest(%s::uuid[], %s::bytea[], %s::int[], %s::varchar[], %s::varchar[],
+                         %s::jsonb[])
+        AS v(id, belief_state, energy_level, location_h3, status, personality_traits)
+), u AS (
+    UPDATE agents AS a SET
+        belief_state = COALESCE(v.belief_state, a.belief_state),
+        energy_level = COALESCE(v.energy_level, a.energy_level),
+        location_h3 = COALESCE(v.location_h3, a.location_h3),
+        status = COALESCE(v.status, a.status),
+        personality_traits = COALESCE(v.personality_traits, a.personality_traits),
+        last_active_at = clock_timestamp()
+    FROM v
+    WHERE a.id = v.id AND a.tenant_id = %s
+    RETURNING {_RETURNING}, a.belief_state,
+        -- The caller already holds tokens it sent; only unchanged ones travel back.
+        CASE WHEN v.belief_state IS NULL THEN a.belief_state END AS kept_token
+), h AS (
+    INSERT INTO agent_history (agent_id, recorded_at, belief_state, energy_level)
+    SELECT id, updated_at, belief_state, energy_level FROM u
+)
+SELECT id, tenant_id, name, agent_type, energy_level, location_h3, status,
+       personality_traits, last_active_at, updated_at, kept_token
+FROM u
+"""
+
+_ADJUST_SQL = f"""
+WITH u AS (
+    UPDATE agents AS a SET energy_level = a.energy_level + %s, last_active_at = clock_timestamp()
+    WHERE a.id = %s AND a.tenant_id = %s AND a.energy_level + %s BETWEEN 0 AND 100
+    RETURNING {_RETURNING}, a.belief_state
+), h AS (
+    INSERT INTO agent_history (agent_id, recorded_at, belief_state, energy_level)
+    SELECT id, updated_at, belief_state, energy_level FROM u
+)
+SELECT {_RETURNING.replace("a.", "")}, belief_state FROM u
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSpec:
+    """A new agent, as agent_create and agents_bulk_load take it."""
+
+    name: str
+    agent_type: str
+    beliefs: np.ndarray | None = None
+    energy_level: int = 100
+    location_h3: str | None = None
+    status: str = AgentStatus.ACTIVE
+    personality_traits: dict | None = None
+
+
+def _validated_spec(spec: AgentSpec) -> AgentSpec:
+    if not isinstance(spec.name, str) or not 0 < len(spec.name) <= 255:
+        raise ValidationError({"name": NAME_REQUIRED})
+    if not isinstance(spec.agent_type, str) or not 0 < len(spec.agent_type) <= 50:
+        raise ValidationError({"agent_type": TYPE_REQUIRED})
+    if spec.beliefs is not None:
+        validate_beliefs(spec.beliefs)
+    validate_energy(spec.energy_level)
+    if spec.location_h3 is not None:
+        validate_cell(spec.location_h3)
+    validate_status(spec.status)
+    if spec.personality_traits is not None:
+        validate_personality(spec.personality_traits)
+    return spec
+
+
+def _state_from_row(row, beliefs=None) -> AgentState:
+    return AgentState(*row[:10], beliefs=beliefs)
+
+
+def _after_commit(entries: list) -> None:
+    transaction.on_commit(lambda: cache.agents_store(entries))
+
+
+def agent_create(*, tenant: Tenant, spec: AgentSpec) -> AgentState:
+    """Create one agent. Raises ValidationError naming the offending field."""
+    _validated_spec(spec)
+    with transaction.atomic():
+        agent = Agent.objects.create(
+            tenant=tenant,
+            name=spec.name,
+            agent_type=spec.agent_type,
+            belief_state=spec.beliefs,
+            energy_level=spec.energy_level,
+            location_h3=spec.location_h3,
+            status=spec.status,
+            personality_traits=spec.personality_traits,
+        )
+        agent.refresh_from_db(fields=["last_active_at", "updated_at"])
+    return AgentState(
+        id=agent.id,
+        tenant_id=tenant.id,
+        name=agent.name,
+        agent_type=agent.agent_type,
+        energy_level=agent.energy_level,
+        location_h3=agent.location_h3,
+        status=agent.status,
+        personality_traits=agent.personality_traits,
+        last_active_at=agent.last_active_at,
+        updated_at=agent.updated_at,
+        beliefs=spec.beliefs,
+    )
+
+
+def _validated_update(update: AgentStateUpdate):
+    """Column values for one update; None leaves a column unchanged."""
+    token = None
+    if update.beliefs is not UNSET:
+        token = encrypt_array(validate_beliefs(update.beliefs))
+    energy = None if update.energy_level is UNSET else validate_energy(update.energy_level)
+    cell = None if update.location_h3 is UNSET else validate_cell(update.location_h3)
+    status = None if update.status is UNSET else validate_status(update.status)
+    traits = None
+    if update.personality_traits is not UNSET:
+        traits = Jsonb(validate_personality(update.personality_traits))
+    return token, energy, cell, status, traits
+
+
+def agents_update_states(
+    *, tenant: Tenant, updates: Iterable[AgentStateUpdate]
+) -> list[AgentState]:
+    """Apply many state updates in one transaction and one SQL round trip.
+
+    Each update changes only the fields it sets, appends an agent_history row, and
+    refreshes the agent's cache entry after commit. All or nothing: an invalid update
+    or an agent outside the tenant raises ValidationError and nothing is written.
+    Returns the new states in input order (beliefs set only where the update set them).
+    """
+    updates = list(updates)
+    if not updates:
+        return []
+    columns = ([], [], [], [], [], [])
+    seen = set()
+    for index, update in enumerate(updates):
+        if update.agent_id in seen:
+            raise ValidationError({"agent_id": DUPLICATE_AGENT.format(agent_id=update.agent_id)})
+        seen.add(update.agent_id)
+        columns[0].append(update.agent_id)
+        try:
+            values = _validated_update(update)
+        except ValidationError as e:
+            if len(updates) == 1:
+                raise
+            # In a batch of thousands, say which update broke the rule.
+            raise ValidationError(
+                {
+                    field: [f"update {index} (agent {update.agent_id}): {m}" for m in messages]
+                    for field, messages in e.message_dict.items()
+                }
+            ) from e
+        for column, value in zip(columns[1:], values, strict=True):
+            column.append(value)
+
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(_UPDATE_SQL, [*columns, tenant.id])
+        rows = {row[0]: row for row in cursor.fetchall()}
+        if len(rows) != len(updates):
+            missing = [str(u.agent_id) for u in updates if u.agent_id not in rows]
+            raise ValidationError(
+                {
+                    "agent_id": AGENTS_NOT_FOUND.format(
+                        count=len(missing), tenant=tenant.slug, ids=", ".join(missing[:5])
+                    )
+                }
+            )
+        states, entries = [], []
+        for update, token in zip(updates, columns[1], strict=True):
+            row = rows[update.agent_id]
+            beliefs = None if update.beliefs is UNSET else update.beliefs
+            state = _state_from_row(row, beliefs)
+            states.append(state)
+            entries.append(cache.agent_entry(state, token if token is not None else row[10]))
+        _after_commit(entries)
+    return states
+
+
+def agent_update_state(*, tenant: Tenant, update: AgentStateUpdate) -> AgentState:
+    """One state update; see agents_update_states."""
+    return agents_update_states(tenant=tenant, updates=[update])[0]
+
+
+def agent_adjust_energy(*, tenant: Tenant, agent_id: uuid.UUID, delta: int) -> AgentState:
+    """Add delta to an agent's energy atomically in the database, so concurrent
+    adjustments never lose one another. Raises ValidationError if the result would
+    leave 0..100 or the agent is not in the tenant."""
+    if isinstance(delta, bool) or not isinstance(delta, int):
+        raise ValidationError({"delta": DELTA_TYPE.format(value=delta)})
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(_ADJUST_SQL, [delta, agent_id, tenant.id, delta])
+        row = cursor.fetchone()
+        if row is None:
+            current = (
+                Agent.objects.filter(pk=agent_id, tenant=tenant)
+                .values_list("energy_level", flat=True)
+                .first()
+            )
+            if current is None:
+                raise ValidationError(
+                    {"agent_id": AGENTS_NOT_FOUND.format(count=1, tenant=tenant.slug, ids=agent_id)}
+                )
+            raise ValidationError(
+                {"energy_level": ENERGY_WOULD_LEAVE_RANGE.format(current=current, delta=delta)}
+            )
+        state = _state_from_row(row)
+        _after_commit([cache.agent_entry(state, row[10])])
+    return state
+
+
+def agent_delete(*, tenant: Tenant, agent_id: uuid.UUID) -> None:
+    """Delete an agent (its memberships cascade); its cache entry becomes a tombstone."""
+    with transaction.atomic():
+        deleted, _ = Agent.objects.filter(pk=agent_id, tenant=tenant).delete()
+        if not deleted:
+            raise ValidationError(
+                {"agent_id": AGENTS_NOT_FOUND.format(count=1, tenant=tenant.slug, ids=agent_id)}
+            )
+        version = int(datetime.datetime.now(datetime.UTC).timestamp() * 1_000_000)
+        transaction.on_commit(lambda: cache.agent_tombstone(agent_id, version))
+
+
+# Bulk loading ------------------------------------------------------------------------
+
+_COPY_SQL = (
+    "COPY agents (id, tenant_id, name, agent_type, belief_state, energy_level, location_h3, "
+    "status, personality_traits) FROM STDIN"
+)
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def agents_bulk_load(
+    *,
+    tenant: Tenant,
+    specs: Iterable[AgentSpec],
+    batch_size: int = 5000,
+    on_batch: Callable[[int], None] | None = None,
+) -> int:
+    """Insert agents with COPY, streaming: memory is bounded by batch_size, not by
+    the number of agents. One transaction: an error or interruption loads nothing.
+    Returns the number of agents loaded."""
+    if batch_size < 1:
+        raise ValidationError({"batch_size": "batch_size: must be at least 1."})
+    loaded = 0
+    with transaction.atomic(), connection.cursor() as cursor:
+        with cursor.cursor.copy(_COPY_SQL) as copy:
+            for chunk in _chunks(specs, batch_size):
+                for spec in chunk:
+                    _validated_spec(spec)
+                    copy.write_row(
+                        (
+                            uuid.uuid4(),
+                            tenant.id,
+                            spec.name,
+                            spec.agent_type,
+                            None if spec.beliefs is None else encrypt_array(spec.beliefs),
+                            spec.energy_level,
+                            spec.location_h3,
+                            spec.status,
+                            None
+                            if spec.personality_traits is None
+                            else Jsonb(spec.personality_traits),
+                        )
+                    )
+                loaded += len(chunk)
+                if on_batch:
+                    on_batch(len(chunk))
+    return loaded

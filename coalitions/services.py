@@ -1,0 +1,172 @@
+"""Writes to coalitions and their members. Every function takes the tenant."""
+
+import uuid
+from decimal import Decimal, InvalidOperation
+
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from agents import cache
+from agents.models import Agent, Tenant
+from coalitions.models import BusinessModel, Coalition, CoalitionMember, CoalitionStatus
+
+BUSINESS_MODEL_UNKNOWN = "business_model: {value!r} is not one of {allowed}."
+STATUS_UNKNOWN = "status: {value!r} is not one of {allowed}."
+TRANSITION_NOT_ALLOWED = (
+    "status: cannot go from {current} to {target}; allowed: forming -> active -> profitable, "
+    "and any status -> dissolved."
+)
+COALITION_NOT_FOUND = "coalition_id: coalition {coalition_id} does not exist in tenant {tenant}."
+AGENT_NOT_FOUND = "agent_id: agent {agent_id} does not exist in tenant {tenant}."
+ALREADY_MEMBER = "agent_id: agent {agent_id} is already a member of this coalition."
+NOT_MEMBER = "agent_id: agent {agent_id} is not a member of this coalition."
+DISSOLVED = "status: coalition {coalition_id} is dissolved and cannot change members."
+SCORE_RANGE = "contribution_score: must be a number in -999.99..999.99, got {value!r}."
+ROLE_REQUIRED = "role: must be a non-empty string of at most 50 characters."
+NAME_REQUIRED = "name: must be a non-empty string of at most 255 characters."
+MONEY_INVALID = "{field}: must be a non-negative amount with at most 13 digits before the point."
+
+ALLOWED_TRANSITIONS = {
+    CoalitionStatus.FORMING: {CoalitionStatus.ACTIVE, CoalitionStatus.DISSOLVED},
+    CoalitionStatus.ACTIVE: {CoalitionStatus.PROFITABLE, CoalitionStatus.DISSOLVED},
+    CoalitionStatus.PROFITABLE: {CoalitionStatus.DISSOLVED},
+    CoalitionStatus.DISSOLVED: set(),
+}
+
+
+def _invalidate_members_on_commit(coalition_id) -> None:
+    transaction.on_commit(lambda: cache.membership_invalidate([coalition_id]))
+
+
+def _locked_coalition(tenant: Tenant, coalition_id) -> Coalition:
+    try:
+        return Coalition.objects.select_for_update().get(pk=coalition_id, tenant=tenant)
+    except (Coalition.DoesNotExist, ValidationError):
+        raise ValidationError(
+            {
+                "coalition_id": COALITION_NOT_FOUND.format(
+                    coalition_id=coalition_id, tenant=tenant.slug
+                )
+            }
+        ) from None
+
+
+def _money(field: str, value) -> Decimal:
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        raise ValidationError({field: MONEY_INVALID.format(field=field)}) from None
+    if not amount.is_finite() or amount < 0 or amount >= Decimal("1e13"):
+        raise ValidationError({field: MONEY_INVALID.format(field=field)})
+    return amount.quantize(Decimal("0.01"))
+
+
+def _score(value) -> Decimal:
+    try:
+        score = Decimal(str(value))
+    except InvalidOperation:
+        raise ValidationError({"contribution_score": SCORE_RANGE.format(value=value)}) from None
+    if not score.is_finite() or not Decimal("-999.99") <= score <= Decimal("999.99"):
+        raise ValidationError({"contribution_score": SCORE_RANGE.format(value=value)})
+    return score.quantize(Decimal("0.01"))
+
+
+def coalition_create(
+    *,
+    tenant: Tenant,
+    name: str,
+    business_model: str,
+    initial_capital=0,
+    formation_criteria: dict | None = None,
+    business_config: dict | None = None,
+) -> Coalition:
+    """Create a coalition in status forming. Raises ValidationError naming the field."""
+    if not isinstance(name, str) or not 0 < len(name) <= 255:
+        raise ValidationError({"name": NAME_REQUIRED})
+    if business_model not in BusinessModel.values:
+        raise ValidationError(
+            {
+                "business_model": BUSINESS_MODEL_UNKNOWN.format(
+                    value=business_model, allowed=", ".join(BusinessModel.values)
+                )
+            }
+        )
+    capital = _money("initial_capital", initial_capital)
+    return Coalition.objects.create(
+        tenant=tenant,
+        name=name,
+        business_model=business_model,
+        initial_capital=capital,
+        current_capital=capital,
+        formation_criteria=formation_criteria,
+        business_config=business_config,
+    )
+
+
+def coalition_add_member(
+    *,
+    tenant: Tenant,
+    coalition_id: uuid.UUID,
+    agent_id: uuid.UUID,
+    role: str = "member",
+    contribution_score=0,
+) -> CoalitionMember:
+    """Add an agent of the same tenant to a coalition that is not dissolved."""
+    if not isinstance(role, str) or not 0 < len(role) <= 50:
+        raise ValidationError({"role": ROLE_REQUIRED})
+    score = _score(contribution_score)
+    with transaction.atomic():
+        coalition = _locked_coalition(tenant, coalition_id)
+        if coalition.status == CoalitionStatus.DISSOLVED:
+            raise ValidationError({"status": DISSOLVED.format(coalition_id=coalition_id)})
+        if not Agent.objects.filter(pk=agent_id, tenant=tenant).exists():
+            raise ValidationError(
+                {"agent_id": AGENT_NOT_FOUND.format(agent_id=agent_id, tenant=tenant.slug)}
+            )
+        try:
+            with transaction.atomic():
+                member = CoalitionMember.objects.create(
+                    coalition=coalition, agent_id=agent_id, role=role, contribution_score=score
+                )
+        except IntegrityError:
+            raise ValidationError({"agent_id": ALREADY_MEMBER.format(agent_id=agent_id)}) from None
+        _invalidate_members_on_commit(coalition.id)
+    return member
+
+
+def coalition_remove_member(
+    *, tenant: Tenant, coalition_id: uuid.UUID, agent_id: uuid.UUID
+) -> None:
+    with transaction.atomic():
+        coalition = _locked_coalition(tenant, coalition_id)
+        deleted, _ = CoalitionMember.objects.filter(coalition=coalition, agent_id=agent_id).delete()
+        if not deleted:
+            raise ValidationError({"agent_id": NOT_MEMBER.format(agent_id=agent_id)})
+        _invalidate_members_on_commit(coalition.id)
+
+
+def coalition_set_status(*, tenant: Tenant, coalition_id: uuid.UUID, status: str) -> Coalition:
+    """Move a coalition along forming -> active -> profitable, or to dissolved from any
+    status (which sets dissolved_at). Other moves raise ValidationError."""
+    if status not in CoalitionStatus.values:
+        raise ValidationError(
+            {
+                "status": STATUS_UNKNOWN.format(
+                    value=status, allowed=", ".join(CoalitionStatus.values)
+                )
+            }
+        )
+    with transaction.atomic():
+        coalition = _locked_coalition(tenant, coalition_id)
+        if status not in ALLOWED_TRANSITIONS[CoalitionStatus(coalition.status)]:
+            raise ValidationError(
+                {"status": TRANSITION_NOT_ALLOWED.format(current=coalition.status, target=status)}
+            )
+        coalition.status = status
+        fields = ["status"]
+        if status == CoalitionStatus.DISSOLVED:
+            coalition.dissolved_at = timezone.now()
+            fields.append("dissolved_at")
+        coalition.save(update_fields=fields)
+    return coalition

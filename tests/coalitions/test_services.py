@@ -1,0 +1,200 @@
+import uuid
+
+import h3
+import pytest
+from django.core.exceptions import ValidationError
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django_redis import get_redis_connection
+
+from agents import cache
+from coalitions.models import CoalitionMember
+from coalitions.selectors import coalitions_near, is_coalition_member
+from coalitions.services import (
+    TRANSITION_NOT_ALLOWED,
+    coalition_add_member,
+    coalition_create,
+    coalition_remove_member,
+    coalition_set_status,
+)
+from tests import factories
+
+pytestmark = pytest.mark.django_db
+
+CENTRE = factories.BERLIN_CELL
+
+
+def new_coalition(tenant, **kwargs):
+    kwargs.setdefault("name", "Bakery")
+    kwargs.setdefault("business_model", "retail")
+    return coalition_create(tenant=tenant, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        (["active"], True),
+        (["active", "profitable"], True),
+        (["dissolved"], True),
+        (["active", "dissolved"], True),
+        (["active", "profitable", "dissolved"], True),
+        (["profitable"], False),
+        (["active", "forming"], False),
+        (["active", "profitable", "active"], False),
+        (["dissolved", "active"], False),
+        (["dissolved", "dissolved"], False),
+    ],
+)
+def test_status_transitions(tenant, path, allowed):
+    coalition = new_coalition(tenant)
+    *steps, last = path
+    for step in steps:
+        coalition_set_status(tenant=tenant, coalition_id=coalition.id, status=step)
+    if allowed:
+        result = coalition_set_status(tenant=tenant, coalition_id=coalition.id, status=last)
+        assert result.status == last
+        assert (result.dissolved_at is not None) == (last == "dissolved")
+    else:
+        current = steps[-1] if steps else "forming"
+        with pytest.raises(ValidationError) as exc:
+            coalition_set_status(tenant=tenant, coalition_id=coalition.id, status=last)
+        assert exc.value.message_dict["status"] == [
+            TRANSITION_NOT_ALLOWED.format(current=current, target=last)
+        ]
+
+
+def test_unknown_status_and_business_model_are_named(tenant):
+    with pytest.raises(ValidationError) as exc:
+        new_coalition(tenant, business_model="piracy")
+    assert "'piracy' is not one of" in exc.value.message_dict["business_model"][0]
+    coalition = new_coalition(tenant)
+    with pytest.raises(ValidationError) as exc:
+        coalition_set_status(tenant=tenant, coalition_id=coalition.id, status="zombie")
+    assert "'zombie' is not one of" in exc.value.message_dict["status"][0]
+
+
+def test_other_tenant_cannot_touch_coalition(tenant, other_tenant):
+    coalition = new_coalition(tenant)
+    agent = factories.make_agent(other_tenant)
+    with pytest.raises(ValidationError, match="does not exist in tenant"):
+        coalition_set_status(tenant=other_tenant, coalition_id=coalition.id, status="active")
+    with pytest.raises(ValidationError, match=r"agent .* does not exist in tenant"):
+        coalition_add_member(tenant=tenant, coalition_id=coalition.id, agent_id=agent.id)
+
+
+def test_members_are_added_with_role_and_score_and_removed(tenant):
+    coalition = new_coalition(tenant)
+    agent = factories.make_agent(tenant)
+    member = coalition_add_member(
+        tenant=tenant,
+        coalition_id=coalition.id,
+        agent_id=agent.id,
+        role="founder",
+        contribution_score="12.346",
+    )
+    assert (member.role, str(member.contribution_score)) == ("founder", "12.35")
+    with pytest.raises(ValidationError, match="already a member"):
+        coalition_add_member(tenant=tenant, coalition_id=coalition.id, agent_id=agent.id)
+    coalition_remove_member(tenant=tenant, coalition_id=coalition.id, agent_id=agent.id)
+    assert not CoalitionMember.objects.exists()
+    with pytest.raises(ValidationError, match="not a member"):
+        coalition_remove_member(tenant=tenant, coalition_id=coalition.id, agent_id=agent.id)
+
+
+@pytest.mark.parametrize("score", ["1000", "nan", "abc", -1000])
+def test_contribution_score_is_bounded(tenant, score):
+    coalition = new_coalition(tenant)
+    agent = factories.make_agent(tenant)
+    with pytest.raises(ValidationError) as exc:
+        coalition_add_member(
+            tenant=tenant, coalition_id=coalition.id, agent_id=agent.id, contribution_score=score
+        )
+    assert "contribution_score" in exc.value.message_dict
+
+
+def test_dissolved_coalition_takes_no_members(tenant):
+    coalition = new_coalition(tenant)
+    coalition_set_status(tenant=tenant, coalition_id=coalition.id, status="dissolved")
+    with pytest.raises(ValidationError, match="is dissolved"):
+        coalition_add_member(
+            tenant=tenant, coalition_id=coalition.id, agent_id=factories.make_agent(tenant).id
+        )
+
+
+def test_membership_is_answered_from_a_redis_set_and_invalidated_on_commit(
+    tenant, other_tenant, django_capture_on_commit_callbacks
+):
+    coalition = new_coalition(tenant)
+    inside, outside = factories.make_agent(tenant), factories.make_agent(tenant)
+    with django_capture_on_commit_callbacks(execute=True):
+        coalition_add_member(tenant=tenant, coalition_id=coalition.id, agent_id=inside.id)
+    assert is_coalition_member(tenant=tenant, coalition_id=coalition.id, agent_id=inside.id)
+    redis = get_redis_connection("default")
+    key = cache.members_key(coalition.id)
+    assert redis.sismember(key, str(inside.id))
+    assert 0 < redis.ttl(key) <= 600
+    with CaptureQueriesContext(connection) as queries:
+        assert not is_coalition_member(
+            tenant=tenant, coalition_id=coalition.id, agent_id=outside.id
+        )
+    assert len(queries) == 0
+    assert not is_coalition_member(
+        tenant=other_tenant, coalition_id=coalition.id, agent_id=inside.id
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        coalition_remove_member(tenant=tenant, coalition_id=coalition.id, agent_id=inside.id)
+    assert not redis.exists(key)
+    assert not is_coalition_member(tenant=tenant, coalition_id=coalition.id, agent_id=inside.id)
+
+
+def test_stale_reader_cannot_fill_membership_after_a_write(
+    tenant, django_capture_on_commit_callbacks
+):
+    coalition = new_coalition(tenant)
+    agent = factories.make_agent(tenant)
+    _, generation = cache.membership_lookup(coalition.id, agent.id, tenant.id)
+    with django_capture_on_commit_callbacks(execute=True):
+        coalition_add_member(tenant=tenant, coalition_id=coalition.id, agent_id=agent.id)
+    cache.membership_fill(coalition.id, tenant.id, [], generation)  # read before the write
+    assert not get_redis_connection("default").exists(cache.members_key(coalition.id))
+    assert is_coalition_member(tenant=tenant, coalition_id=coalition.id, agent_id=agent.id)
+
+
+def test_membership_works_with_redis_down(tenant, redis_down):
+    coalition = new_coalition(tenant)
+    agent = factories.make_agent(tenant)
+    coalition_add_member(tenant=tenant, coalition_id=coalition.id, agent_id=agent.id)
+    assert is_coalition_member(tenant=tenant, coalition_id=coalition.id, agent_id=agent.id)
+
+
+def test_coalitions_near_in_one_query(tenant, other_tenant):
+    far = next(iter(h3.grid_ring(CENTRE, 5)))
+    near_cell = next(iter(h3.grid_ring(CENTRE, 2)))
+
+    def coalition_with(cells, status="active", business_model="retail", owner=tenant):
+        coalition = new_coalition(owner, business_model=business_model)
+        for cell in cells:
+            agent = factories.make_agent(owner, location_h3=cell)
+            coalition_add_member(tenant=owner, coalition_id=coalition.id, agent_id=agent.id)
+        for step in {"active": ["active"], "forming": []}[status]:
+            coalition_set_status(tenant=owner, coalition_id=coalition.id, status=step)
+        return coalition
+
+    match = coalition_with([CENTRE, near_cell, far])
+    coalition_with([CENTRE, far])  # only one member nearby
+    coalition_with([CENTRE, near_cell], status="forming")
+    coalition_with([CENTRE, near_cell], business_model="delivery")
+    coalition_with([CENTRE, near_cell], owner=other_tenant)
+    with CaptureQueriesContext(connection) as queries:
+        found = coalitions_near(tenant=tenant, cell=CENTRE, business_model="retail")
+    assert [c.id for c in found] == [match.id]
+    assert len(queries) == 1
+    with pytest.raises(ValidationError, match="business_model"):
+        coalitions_near(tenant=tenant, cell=CENTRE, business_model="piracy")
+
+
+def test_unknown_coalition_id_is_a_validation_error(tenant):
+    with pytest.raises(ValidationError, match="coalition_id"):
+        coalition_set_status(tenant=tenant, coalition_id=uuid.uuid4(), status="active")
+    with pytest.raises(ValidationError, match="coalition_id"):
+        coalition_set_status(tenant=tenant, coalition_id="not-a-uuid", status="active")
