@@ -114,3 +114,49 @@ class AgentHistory(models.Model):
 
     def __str__(self):
         return f"{self.agent_id} at {self.recorded_at:%Y-%m-%d %H:%M:%S}"
+
+
+class ApiToken(models.Model):
+    """A per-tenant credential for programmatic clients (websockets). Only a SHA-256
+    of the token is stored: tokens are 256-bit random, so a fast hash is enough and
+    lookups stay O(1)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, db_default=RandomUUID())
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100)
+    # The first characters of the token, shown in the admin so operators can tell tokens apart.
+    prefix = models.CharField(max_length=16, editable=False)
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_by = models.ForeignKey(
+        "auth.User", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(db_default=Now(), editable=False)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "api_tokens"
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+
+class OperatorMembership(models.Model):
+    """Ties a back-office operator (a non-superuser staff user) to one tenant."""
+
+    user = models.OneToOneField(
+        "auth.User", on_delete=models.CASCADE, related_name="operator_membership"
+    )
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="operators")
+    created_at = models.DateTimeField(db_default=Now(), editable=False)
+
+    class Meta:
+        db_table = "operator_memberships"
+
+    def __str__(self):
+        return f"{self.user} @ {self.tenant}"
