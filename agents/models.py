@@ -127,6 +127,8 @@ class ApiToken(models.Model):
     # The first characters of the token, shown in the admin so operators can tell tokens apart.
     prefix = models.CharField(max_length=16, editable=False)
     key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    # Full belief arrays are streamed only to tokens allowed to read them.
+    can_read_beliefs = models.BooleanField(default=False)
     created_by = models.ForeignKey(
         "auth.User", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )

@@ -9,89 +9,42 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
+
     dependencies = [
-        ("agents", "0003_idx_agents_composite"),
+        ('agents', '0003_idx_agents_composite'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name="ApiToken",
+            name='ApiToken',
             fields=[
-                (
-                    "id",
-                    models.UUIDField(
-                        db_default=django.contrib.postgres.functions.RandomUUID(),
-                        default=uuid.uuid4,
-                        primary_key=True,
-                        serialize=False,
-                    ),
-                ),
-                ("name", models.CharField(max_length=100)),
-                ("prefix", models.CharField(editable=False, max_length=16)),
-                ("key_hash", models.CharField(editable=False, max_length=64, unique=True)),
-                (
-                    "created_at",
-                    models.DateTimeField(db_default=agents.fields.DatabaseNow(), editable=False),
-                ),
-                ("last_used_at", models.DateTimeField(blank=True, editable=False, null=True)),
-                ("revoked_at", models.DateTimeField(blank=True, null=True)),
-                (
-                    "created_by",
-                    models.ForeignKey(
-                        blank=True,
-                        null=True,
-                        on_delete=django.db.models.deletion.SET_NULL,
-                        related_name="+",
-                        to=settings.AUTH_USER_MODEL,
-                    ),
-                ),
-                (
-                    "tenant",
-                    models.ForeignKey(
-                        on_delete=django.db.models.deletion.CASCADE,
-                        related_name="api_tokens",
-                        to="agents.tenant",
-                    ),
-                ),
+                ('id', models.UUIDField(db_default=django.contrib.postgres.functions.RandomUUID(), default=uuid.uuid4, primary_key=True, serialize=False)),
+                ('name', models.CharField(max_length=100)),
+                ('prefix', models.CharField(editable=False, max_length=16)),
+                ('key_hash', models.CharField(editable=False, max_length=64, unique=True)),
+                ('can_read_beliefs', models.BooleanField(default=False)),
+                ('created_at', models.DateTimeField(db_default=agents.fields.DatabaseNow(), editable=False)),
+                ('last_used_at', models.DateTimeField(blank=True, editable=False, null=True)),
+                ('revoked_at', models.DateTimeField(blank=True, null=True)),
+                ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                ('tenant', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='api_tokens', to='agents.tenant')),
             ],
             options={
-                "db_table": "api_tokens",
-                "ordering": ["-created_at"],
+                'db_table': 'api_tokens',
+                'ordering': ['-created_at'],
             },
         ),
         migrations.CreateModel(
-            name="OperatorMembership",
+            name='OperatorMembership',
             fields=[
-                (
-                    "id",
-                    models.BigAutoField(
-                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
-                    ),
-                ),
-                (
-                    "created_at",
-                    models.DateTimeField(db_default=agents.fields.DatabaseNow(), editable=False),
-                ),
-                (
-                    "tenant",
-                    models.ForeignKey(
-                        on_delete=django.db.models.deletion.CASCADE,
-                        related_name="operators",
-                        to="agents.tenant",
-                    ),
-                ),
-                (
-                    "user",
-                    models.OneToOneField(
-                        on_delete=django.db.models.deletion.CASCADE,
-                        related_name="operator_membership",
-                        to=settings.AUTH_USER_MODEL,
-                    ),
-                ),
+                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
+                ('created_at', models.DateTimeField(db_default=agents.fields.DatabaseNow(), editable=False)),
+                ('tenant', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='operators', to='agents.tenant')),
+                ('user', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, related_name='operator_membership', to=settings.AUTH_USER_MODEL)),
             ],
             options={
-                "db_table": "operator_memberships",
+                'db_table': 'operator_memberships',
             },
         ),
     ]
