@@ -1,0 +1,54 @@
+import os
+from pathlib import Path
+
+from django.core.management.base import BaseCommand, CommandError
+
+from agents.demo import demo_admin_ensure
+
+
+class Command(BaseCommand):
+    help = (
+        "Create a superuser with a random password unless it exists, and show the password "
+        "once. Meant for development stacks (scripts/run.sh)."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--username", default="admin", help="Superuser to ensure.")
+        parser.add_argument(
+            "--password-file",
+            type=Path,
+            help="Also write a newly created password here, readable by the owner only.",
+        )
+
+    def handle(self, *args, **options):
+        username = options["username"]
+        if not username:
+            raise CommandError("--username must not be empty.")
+        password_file = options["password_file"]
+        password = demo_admin_ensure(username=username)
+        if password is None:
+            hint = f" (see {password_file} if you kept it)" if password_file else ""
+            self.stdout.write(
+                f"Superuser {username!r} exists; its password was shown when it was created"
+                f"{hint}. Reset it with: manage.py changepassword {username}"
+            )
+            return
+        self.stdout.write(
+            self.style.SUCCESS(f"Created superuser {username!r} with password: {password}")
+        )
+        if password_file:
+            try:
+                _write_private(password_file, f"{username}\n{password}\n")
+            except OSError as e:
+                raise CommandError(f"Could not write {password_file}: {e}") from e
+            self.stdout.write(f"The password is also in {password_file} (mode 0600).")
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Created 0600 from the start, so the password is never briefly world-readable.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        # An existing file keeps its old mode through O_CREAT; tighten it too.
+        os.fchmod(f.fileno(), 0o600)
+        f.write(text)

