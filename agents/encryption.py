@@ -7,6 +7,7 @@ The encoding keeps dtype and shape exactly and never uses pickle:
 """
 
 import functools
+import math
 import struct
 
 import numpy as np
@@ -21,7 +22,36 @@ from agents.exceptions import BeliefStateDecryptionError, BeliefStateFormatError
 MAGIC = b"FAB1"
 # Numeric kinds only: bool, signed/unsigned int, float, complex. Object arrays would need pickle.
 SUPPORTED_KINDS = frozenset("biufc")
-_U64 = struct.Struct("<Q")
+
+
+@functools.lru_cache(maxsize=256)
+def _header(dtype_str: str, shape: tuple[int, ...]) -> bytes:
+    dtype = dtype_str.encode("ascii")
+    return b"".join(
+        (
+            MAGIC,
+            bytes((len(dtype),)),
+            dtype,
+            bytes((len(shape),)),
+            struct.pack(f"<{len(shape)}Q", *shape),
+        )
+    )
+
+
+_DTYPES: dict[bytes, np.dtype] = {}
+# ndim is one byte, so 256 precompiled shape formats cover every header.
+_SHAPES = tuple(struct.Struct(f"<{n}Q") for n in range(256))
+
+
+def _dtype(name: bytes) -> np.dtype:
+    dtype = _DTYPES.get(name)
+    if dtype is None:
+        dtype = np.dtype(name.decode("ascii"))
+        if dtype.kind not in SUPPORTED_KINDS:
+            raise ValueError(f"unsupported dtype {dtype}")
+        if len(_DTYPES) < 64:
+            _DTYPES[name] = dtype
+    return dtype
 
 
 def encode_array(array: np.ndarray) -> bytes:
@@ -30,44 +60,34 @@ def encode_array(array: np.ndarray) -> bytes:
         raise TypeError(f"expected a numpy.ndarray, got {type(array).__name__}")
     if array.dtype.kind not in SUPPORTED_KINDS:
         raise TypeError(f"dtype {array.dtype} is not supported; use a numeric dtype")
-    dtype = array.dtype.str.encode("ascii")
-    header = b"".join(
-        (
-            MAGIC,
-            bytes((len(dtype),)),
-            dtype,
-            bytes((array.ndim,)),
-            b"".join(_U64.pack(n) for n in array.shape),
-        )
-    )
-    return header + np.ascontiguousarray(array).tobytes()
+    # Headers repeat (same dtype and shape for every agent), so they are cached.
+    return _header(array.dtype.str, array.shape) + np.ascontiguousarray(array).tobytes()
 
 
 def decode_array(data: bytes) -> np.ndarray:
     """Inverse of encode_array. Raises BeliefStateFormatError on anything malformed."""
     try:
-        if data[:4] != MAGIC:
+        if not data.startswith(MAGIC):
             raise ValueError("missing FAB1 header")
         dtype_len = data[4]
-        dtype = np.dtype(data[5 : 5 + dtype_len].decode("ascii"))
-        if dtype.kind not in SUPPORTED_KINDS:
-            raise ValueError(f"unsupported dtype {dtype}")
+        dtype = _dtype(data[5 : 5 + dtype_len])
         offset = 5 + dtype_len
         ndim = data[offset]
         offset += 1
-        shape = tuple(_U64.unpack_from(data, offset + 8 * i)[0] for i in range(ndim))
+        shape = _SHAPES[ndim].unpack_from(data, offset)
         offset += 8 * ndim
-        expected = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        expected = dtype.itemsize * math.prod(shape)
         if len(data) - offset != expected:
             raise ValueError(f"expected {expected} data bytes, found {len(data) - offset}")
         # copy(): frombuffer over immutable bytes would hand callers a read-only array.
-        return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape).copy()
-    except (IndexError, TypeError, ValueError, struct.error) as e:
+        array = np.frombuffer(data, dtype=dtype, offset=offset).copy()
+        return array if ndim == 1 else array.reshape(shape)
+    except (IndexError, TypeError, ValueError, struct.error, UnicodeDecodeError) as e:
         raise BeliefStateFormatError(f"not a belief array: {e}") from e
 
 
 @functools.cache
-def _fernet_for(keys: tuple[str, ...]) -> tuple[MultiFernet, Fernet]:
+def _fernet_for(keys: tuple[str, ...]) -> tuple[MultiFernet, Fernet, tuple[Fernet, ...]]:
     fernets = []
     for index, key in enumerate(keys):
         try:
@@ -79,7 +99,19 @@ def _fernet_for(keys: tuple[str, ...]) -> tuple[MultiFernet, Fernet]:
             ) from e
     if not fernets:
         raise ImproperlyConfigured("FREEAGENTICS_ENCRYPTION_KEYS must hold at least one key.")
-    return MultiFernet(fernets), fernets[0]
+    return MultiFernet(fernets), fernets[0], tuple(fernets)
+
+
+_last: tuple[object, tuple[Fernet, ...]] = (None, ())
+
+
+def _decrypting_fernets() -> tuple[Fernet, ...]:
+    # Identity check on the settings list: the hot path skips hashing the key tuple.
+    global _last
+    keys = settings.FREEAGENTICS_ENCRYPTION_KEYS
+    if _last[0] is not keys:
+        _last = (keys, _fernet_for(tuple(keys))[2])
+    return _last[1]
 
 
 def multi_fernet() -> MultiFernet:
@@ -93,8 +125,10 @@ def primary_fernet() -> Fernet:
 
 @receiver(setting_changed)
 def _forget_keys(*, setting, **kwargs):
+    global _last
     if setting == "FREEAGENTICS_ENCRYPTION_KEYS":
         _fernet_for.cache_clear()
+        _last = (None, ())
 
 
 def encrypt_array(array: np.ndarray) -> bytes:
@@ -103,13 +137,19 @@ def encrypt_array(array: np.ndarray) -> bytes:
 
 def decrypt_array(token: bytes, *, label: str = "belief state") -> np.ndarray:
     """Decrypt and decode a token. label names the model and field in errors."""
-    try:
-        plaintext = multi_fernet().decrypt(bytes(token))
-    except InvalidToken:
+    fernets = _decrypting_fernets()
+    # The same loop MultiFernet.decrypt runs, minus its per-call overhead on the hot path.
+    for fernet in fernets:
+        try:
+            plaintext = fernet.decrypt(token)
+            break
+        except InvalidToken:
+            continue
+    else:
         raise BeliefStateDecryptionError(
             f"Cannot decrypt {label}: no key in FREEAGENTICS_ENCRYPTION_KEYS opens it "
             "(wrong key, or corrupt ciphertext)."
-        ) from None
+        )
     try:
         return decode_array(plaintext)
     except BeliefStateFormatError as e:

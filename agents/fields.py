@@ -1,3 +1,5 @@
+import functools
+
 import numpy as np
 from django.core.exceptions import FieldError
 from django.db import models
@@ -18,10 +20,14 @@ class EncryptedArrayField(models.BinaryField):
     def label(self) -> str:
         return f"{self.model._meta.label}.{self.name}"
 
+    @functools.cached_property
+    def _label(self) -> str:
+        return self.label
+
     def from_db_value(self, value, expression, connection):
         if value is None:
             return None
-        return decrypt_array(value, label=self.label)
+        return decrypt_array(value if isinstance(value, bytes) else bytes(value), label=self._label)
 
     def to_python(self, value):
         return value
