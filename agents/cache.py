@@ -28,7 +28,7 @@ from django.core.cache import cache
 from django_redis import get_redis_connection
 from redis.exceptions import RedisError
 
-from agents.types import AgentState
+from agents.types import AgentState, from_micros, micros
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,36 +109,53 @@ def _generation_key(coalition_id) -> str:
 # Agent state -------------------------------------------------------------------------
 
 
-def pack_agent(version: int, meta: dict, token: bytes | None) -> bytes:
-    """version, JSON of the plain fields, and the belief token exactly as PostgreSQL
-    stores it: beliefs stay encrypted in Redis at no extra encryption cost."""
-    header = b"%d\n" % version + json.dumps(meta, separators=(",", ":")).encode() + b"\n"
-    return header + (token or b"")
+def agent_entry(state: AgentState, token: bytes | None) -> tuple[uuid.UUID, int, bytes]:
+    """The (agent_id, version, value) cache entry for a state and its belief token.
+
+    The value is the version, a JSON list of the plain fields, and the belief token
+    exactly as PostgreSQL stores it: beliefs stay encrypted in Redis at no extra
+    encryption cost. A list, not a dict, because packing runs once per updated agent.
+    """
+    version = state.version
+    meta = json.dumps(
+        [
+            str(state.tenant_id),
+            state.name,
+            state.agent_type,
+            state.energy_level,
+            state.location_h3,
+            state.status,
+            state.personality_traits,
+            micros(state.last_active_at),
+        ],
+        separators=(",", ":"),
+    )
+    return state.id, version, b"%d\n%s\n%s" % (version, meta.encode(), token or b"")
 
 
-def unpack_agent(value: bytes) -> tuple[dict, bytes | None] | None:
-    """(meta, token), or None for a tombstone left by a delete."""
-    _, _, rest = value.partition(b"\n")
+def unpack_agent(agent_id, value: bytes, tenant_id) -> tuple[AgentState, bytes | None] | None:
+    """(state without beliefs, belief token), or None for a tombstone left by a delete
+    or an entry of another tenant."""
+    version, _, rest = value.partition(b"\n")
     if not rest:
         return None
     meta, _, token = rest.partition(b"\n")
-    return json.loads(meta), (token or None)
-
-
-def agent_entry(state: AgentState, token: bytes | None) -> tuple[uuid.UUID, int, bytes]:
-    """The (agent_id, version, value) cache entry for a state and its belief token."""
-    meta = {
-        "tenant_id": str(state.tenant_id),
-        "name": state.name,
-        "agent_type": state.agent_type,
-        "energy_level": state.energy_level,
-        "location_h3": state.location_h3,
-        "status": state.status,
-        "personality_traits": state.personality_traits,
-        "last_active_at": state.last_active_at.isoformat(),
-        "updated_at": state.updated_at.isoformat(),
-    }
-    return state.id, state.version, pack_agent(state.version, meta, token)
+    tenant, name, agent_type, energy, location, status, traits, last_active = json.loads(meta)
+    if tenant != str(tenant_id):
+        return None
+    state = AgentState(
+        id=agent_id if isinstance(agent_id, uuid.UUID) else uuid.UUID(str(agent_id)),
+        tenant_id=tenant_id,
+        name=name,
+        agent_type=agent_type,
+        energy_level=energy,
+        location_h3=location,
+        status=status,
+        personality_traits=traits,
+        last_active_at=from_micros(last_active),
+        updated_at=from_micros(int(version)),
+    )
+    return state, (token or None)
 
 
 def agents_store(entries: Iterable[tuple[object, int, bytes]]) -> None:

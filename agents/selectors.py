@@ -1,7 +1,7 @@
 """Reads of agents. Every function takes the tenant and sees only its rows."""
 
+import dataclasses
 import datetime
-import uuid
 
 import h3
 from django.core.exceptions import ObjectDoesNotExist
@@ -10,15 +10,12 @@ from django.db import connection
 from agents import cache
 from agents.encryption import decrypt_array
 from agents.models import Agent, AgentHistory, Tenant
-from agents.types import AgentState
+from agents.types import AGENT_COLUMNS, AgentState, state_from_row
 from agents.validators import validate_cell, validate_radius
 
 AGENT_NOT_FOUND = "Agent {agent_id} does not exist in tenant {tenant}."
 
-_COLUMNS = (
-    "id, tenant_id, name, agent_type, energy_level, location_h3, status, personality_traits, "
-    "last_active_at, updated_at"
-)
+_COLUMNS = ", ".join(AGENT_COLUMNS)
 _LABEL = "agents.Agent.belief_state"
 
 
@@ -27,25 +24,13 @@ class AgentNotFound(ObjectDoesNotExist):
 
 
 def _from_cache(value: bytes, tenant: Tenant, agent_id) -> AgentState | None:
-    unpacked = cache.unpack_agent(value)
+    unpacked = cache.unpack_agent(agent_id, value, tenant.id)
     if unpacked is None:
         return None
-    meta, token = unpacked
-    if meta["tenant_id"] != str(tenant.id):
-        return None
-    return AgentState(
-        id=uuid.UUID(str(agent_id)),
-        tenant_id=tenant.id,
-        name=meta["name"],
-        agent_type=meta["agent_type"],
-        energy_level=meta["energy_level"],
-        location_h3=meta["location_h3"],
-        status=meta["status"],
-        personality_traits=meta["personality_traits"],
-        last_active_at=datetime.datetime.fromisoformat(meta["last_active_at"]),
-        updated_at=datetime.datetime.fromisoformat(meta["updated_at"]),
-        beliefs=None if token is None else decrypt_array(token, label=_LABEL),
-    )
+    state, token = unpacked
+    if token is None:
+        return state
+    return dataclasses.replace(state, beliefs=decrypt_array(token, label=_LABEL))
 
 
 def get_agent(*, tenant: Tenant, agent_id) -> AgentState:
@@ -65,9 +50,7 @@ def get_agent(*, tenant: Tenant, agent_id) -> AgentState:
     if row is None:
         raise AgentNotFound(AGENT_NOT_FOUND.format(agent_id=agent_id, tenant=tenant.slug))
     token = None if row[10] is None else bytes(row[10])
-    state = AgentState(
-        *row[:10], beliefs=None if token is None else decrypt_array(token, label=_LABEL)
-    )
+    state = state_from_row(row, None if token is None else decrypt_array(token, label=_LABEL))
     cache.agents_store([cache.agent_entry(state, token)])
     return state
 
@@ -85,7 +68,7 @@ def agents_near(*, tenant: Tenant, cell: str, radius: int = 3) -> list[AgentStat
             [cells, tenant.id],
         )
         rows = cursor.fetchall()
-    return [AgentState(*row) for row in rows]
+    return [state_from_row(row) for row in rows]
 
 
 def agent_history(

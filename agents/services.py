@@ -18,7 +18,7 @@ from psycopg.types.json import Jsonb
 from agents import cache
 from agents.encryption import encrypt_array
 from agents.models import Agent, AgentStatus, Tenant
-from agents.types import UNSET, AgentState, AgentStateUpdate
+from agents.types import AGENT_COLUMNS, UNSET, AgentState, AgentStateUpdate, micros, state_from_row
 from agents.validators import (
     validate_beliefs,
     validate_cell,
@@ -26,6 +26,7 @@ from agents.validators import (
     validate_personality,
     validate_status,
 )
+from freeagentics.db import server_binding_cursor
 
 AGENTS_NOT_FOUND = "agent_id: {count} agent(s) not found in tenant {tenant}: {ids}."
 DUPLICATE_AGENT = "agent_id: {agent_id} appears more than once in one batch."
@@ -36,17 +37,14 @@ ENERGY_WOULD_LEAVE_RANGE = (
     "energy_level: adjusting {current} by {delta} would leave the allowed range 0..100."
 )
 
-_RETURNING = (
-    "a.id, a.tenant_id, a.name, a.agent_type, a.energy_level, a.location_h3, a.status, "
-    "a.personality_traits, a.last_active_at, a.updated_at"
-)
+_RETURNING = ", ".join(f"a.{column}" for column in AGENT_COLUMNS)
 
 # One round trip: update the agents, append their history rows, return the new states.
 # recorded_at is the row's updated_at, the same instant the cache versions by.
 _UPDATE_SQL = f"""
 WITH v AS (
-    SELECT * FROM unnest(%s::uuid[], %s::bytea[], %s::int[], %s::varchar[], %s::varchar[],
-                         %s::jsonb[])
+    SELECT * FROM unnest(%b::uuid[], %b::bytea[], %b::int[], %b::varchar[], %b::varchar[],
+                         %b::jsonb[])
         AS v(id, belief_state, energy_level, location_h3, status, personality_traits)
 ), u AS (
     UPDATE agents AS a SET
@@ -57,7 +55,7 @@ WITH v AS (
         personality_traits = COALESCE(v.personality_traits, a.personality_traits),
         last_active_at = clock_timestamp()
     FROM v
-    WHERE a.id = v.id AND a.tenant_id = %s
+    WHERE a.id = v.id AND a.tenant_id = %b
     RETURNING {_RETURNING}, a.belief_state,
         -- The caller already holds tokens it sent; only unchanged ones travel back.
         CASE WHEN v.belief_state IS NULL THEN a.belief_state END AS kept_token
@@ -65,9 +63,7 @@ WITH v AS (
     INSERT INTO agent_history (agent_id, recorded_at, belief_state, energy_level)
     SELECT id, updated_at, belief_state, energy_level FROM u
 )
-SELECT id, tenant_id, name, agent_type, energy_level, location_h3, status,
-       personality_traits, last_active_at, updated_at, kept_token
-FROM u
+SELECT {", ".join(AGENT_COLUMNS)}, kept_token FROM u
 """
 
 _ADJUST_SQL = f"""
@@ -79,7 +75,7 @@ WITH u AS (
     INSERT INTO agent_history (agent_id, recorded_at, belief_state, energy_level)
     SELECT id, updated_at, belief_state, energy_level FROM u
 )
-SELECT {_RETURNING.replace("a.", "")}, belief_state FROM u
+SELECT {", ".join(AGENT_COLUMNS)}, belief_state FROM u
 """
 
 
@@ -110,10 +106,6 @@ def _validated_spec(spec: AgentSpec) -> AgentSpec:
     if spec.personality_traits is not None:
         validate_personality(spec.personality_traits)
     return spec
-
-
-def _state_from_row(row, beliefs=None) -> AgentState:
-    return AgentState(*row[:10], beliefs=beliefs)
 
 
 def _after_commit(entries: list) -> None:
@@ -199,7 +191,7 @@ def agents_update_states(
         for column, value in zip(columns[1:], values, strict=True):
             column.append(value)
 
-    with transaction.atomic(), connection.cursor() as cursor:
+    with transaction.atomic(), server_binding_cursor() as cursor:
         cursor.execute(_UPDATE_SQL, [*columns, tenant.id])
         rows = {row[0]: row for row in cursor.fetchall()}
         if len(rows) != len(updates):
@@ -215,7 +207,7 @@ def agents_update_states(
         for update, token in zip(updates, columns[1], strict=True):
             row = rows[update.agent_id]
             beliefs = None if update.beliefs is UNSET else update.beliefs
-            state = _state_from_row(row, beliefs)
+            state = state_from_row(row, beliefs)
             states.append(state)
             entries.append(cache.agent_entry(state, token if token is not None else row[10]))
         _after_commit(entries)
@@ -249,7 +241,7 @@ def agent_adjust_energy(*, tenant: Tenant, agent_id: uuid.UUID, delta: int) -> A
             raise ValidationError(
                 {"energy_level": ENERGY_WOULD_LEAVE_RANGE.format(current=current, delta=delta)}
             )
-        state = _state_from_row(row)
+        state = state_from_row(row)
         _after_commit([cache.agent_entry(state, row[10])])
     return state
 
@@ -262,7 +254,7 @@ def agent_delete(*, tenant: Tenant, agent_id: uuid.UUID) -> None:
             raise ValidationError(
                 {"agent_id": AGENTS_NOT_FOUND.format(count=1, tenant=tenant.slug, ids=agent_id)}
             )
-        version = int(datetime.datetime.now(datetime.UTC).timestamp() * 1_000_000)
+        version = micros(datetime.datetime.now(datetime.UTC))
         transaction.on_commit(lambda: cache.agent_tombstone(agent_id, version))
 
 

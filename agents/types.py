@@ -1,8 +1,21 @@
 import datetime
+import json
 import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
+
+EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+_MICROSECOND = datetime.timedelta(microseconds=1)
+
+
+def micros(moment: datetime.datetime) -> int:
+    """Exact integer microseconds since the epoch (float timestamps can be off by one)."""
+    return (moment - EPOCH) // _MICROSECOND
+
+
+def from_micros(value: int) -> datetime.datetime:
+    return EPOCH + datetime.timedelta(microseconds=value)
 
 
 class Unset:
@@ -46,4 +59,28 @@ class AgentState:
     @property
     def version(self) -> int:
         """Monotonic per agent: updated_at in microseconds (see agents.cache)."""
-        return int(self.updated_at.timestamp() * 1_000_000)
+        return micros(self.updated_at)
+
+
+# The columns, in order, that state_from_row maps; SQL that builds AgentStates selects these.
+AGENT_COLUMNS = (
+    "id",
+    "tenant_id",
+    "name",
+    "agent_type",
+    "energy_level",
+    "location_h3",
+    "status",
+    "personality_traits",
+    "last_active_at",
+    "updated_at",
+)
+
+
+def state_from_row(row, beliefs: np.ndarray | None = None) -> AgentState:
+    """An AgentState from a row whose first columns are AGENT_COLUMNS."""
+    traits = row[7]
+    # Raw cursors get jsonb as text: Django registers a text loader so JSONField can parse.
+    if isinstance(traits, str):
+        traits = json.loads(traits)
+    return AgentState(*row[:7], traits, *row[8:10], beliefs=beliefs)

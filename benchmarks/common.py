@@ -17,7 +17,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "freeagentics.settings")
 os.environ.setdefault("DEBUG", "0")
 os.environ.setdefault("SECRET_KEY", "benchmark")
-os.environ.setdefault("FREEAGENTICS_ENCRYPTION_KEYS", "j0BikImprDHDLmqRY3Lwqh54e7y_J3kuTUJqAnpvd1M=")
+os.environ.setdefault(
+    "FREEAGENTICS_ENCRYPTION_KEYS", "j0BikImprDHDLmqRY3Lwqh54e7y_J3kuTUJqAnpvd1M="
+)
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/freeagentics_bench")
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/8")
 

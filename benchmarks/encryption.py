@@ -27,12 +27,12 @@ def main():
 
     field = Agent._meta.get_field("belief_state")
     fernet = Fernet(settings.FREEAGENTICS_ENCRYPTION_KEYS[0])
+    ops = range(args.ops)
     print(f"rounds={args.rounds} ops/round={args.ops}; medians of per-round rates")
     for size in (64, 1024):
         array = np.random.default_rng(size).random(size)
         plaintext = encode_array(array)
         token = field.get_db_prep_value(array, connection)
-        ops = range(args.ops)
 
         def field_encrypt(array=array):
             for _ in ops:

@@ -45,6 +45,16 @@ def spec(**fields):
     return AgentSpec(**fields)
 
 
+def test_get_agent_returns_personality_as_a_dict_from_db_and_cache(tenant):
+    agent = agent_create(tenant=tenant, spec=spec(personality_traits={"bold": 0.5}))
+    from_db = get_agent(tenant=tenant, agent_id=agent.id)
+    from_cache = get_agent(tenant=tenant, agent_id=agent.id)
+    assert from_db.personality_traits == {"bold": 0.5}
+    assert from_cache == from_db
+    updated = agent_update_state(tenant=tenant, update=AgentStateUpdate(agent.id, energy_level=9))
+    assert updated.personality_traits == {"bold": 0.5}
+
+
 def test_agent_create_returns_state_with_database_timestamps(tenant):
     state = agent_create(tenant=tenant, spec=spec(energy_level=70))
     assert state.tenant_id == tenant.id
@@ -251,7 +261,7 @@ def test_reader_filling_a_miss_cannot_overwrite_a_newer_write(tenant):
     new = agent_update_state(tenant=tenant, update=AgentStateUpdate(agent.id, energy_level=3))
     cache.agents_store([cache.agent_entry(new, None)])
     cache.agents_store([cache.agent_entry(old, None)])  # a slow reader arrives late
-    assert cache.unpack_agent(redis_value(agent.id))[0]["energy_level"] == 3
+    assert cache.unpack_agent(agent.id, redis_value(agent.id), tenant.id)[0].energy_level == 3
 
 
 def test_get_agent_of_another_tenant_is_not_found_even_when_cached(tenant, other_tenant):
