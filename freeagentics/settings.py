@@ -258,3 +258,91 @@ PARTITION_RETENTION_MONTHS = env_int("PARTITION_RETENTION_MONTHS", 12)
 PARTITION_ARCHIVE = env_bool("PARTITION_ARCHIVE", True)
 PARTITION_DROP = env_bool("PARTITION_DROP", True)
 # --- end Backups and partitions ---
+
+# --- Backups and partitions ---
+# Owned by the backups app; README "Operations" documents every variable.
+BACKUP_DIR = Path(os.environ.get("BACKUP_DIR") or BASE_DIR / "var" / "backups")
+BACKUP_S3_BUCKET = os.environ.get("BACKUP_S3_BUCKET", "")
+if BACKUP_S3_BUCKET:
+    _backup_storage = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": BACKUP_S3_BUCKET,
+            "location": os.environ.get("BACKUP_S3_PREFIX", "backups"),
+            # Unset values fall back to boto3's own chain (env, profile, instance role).
+            "endpoint_url": os.environ.get("AWS_S3_ENDPOINT_URL") or None,
+            "region_name": os.environ.get("AWS_S3_REGION_NAME") or None,
+            "access_key": os.environ.get("AWS_ACCESS_KEY_ID") or None,
+            "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
+            "file_overwrite": False,
+            "default_acl": "private",
+            # S3File keeps reads in memory below this size and spools to disk above it.
+            "max_memory_size": 16 * 1024 * 1024,
+        },
+    }
+else:
+    _backup_storage = {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        # Backups hold every tenant's data: readable by the service user only.
+        "OPTIONS": {
+            "location": BACKUP_DIR,
+            "file_permissions_mode": 0o600,
+            "directory_permissions_mode": 0o700,
+        },
+    }
+# Merged, not assigned, so STORAGES set earlier in this module keeps its entries.
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    **globals().get("STORAGES", {}),
+    "backups": _backup_storage,
+}
+# Comma-separated Fernet-format keys: the first encrypts, every key decrypts. Unset: no
+# encryption. Must differ from FREEAGENTICS_ENCRYPTION_KEYS (checked when used).
+BACKUP_ENCRYPTION_KEY = env_list("BACKUP_ENCRYPTION_KEY")
+BACKUP_TEMP_DIR = os.environ.get("BACKUP_TEMP_DIR") or None
+BACKUP_PG_BIN_DIR = os.environ.get("BACKUP_PG_BIN_DIR", "")
+BACKUP_MAINTENANCE_DB = os.environ.get("BACKUP_MAINTENANCE_DB", "postgres")
+BACKUP_NAME_PREFIX = os.environ.get("BACKUP_NAME_PREFIX", "freeagentics")
+BACKUP_REDIS_URL = os.environ.get("BACKUP_REDIS_URL") or REDIS_URL
+BACKUP_REDIS_RDB = env_bool("BACKUP_REDIS_RDB", True)
+BACKUP_REDIS_CLI = os.environ.get("BACKUP_REDIS_CLI", "redis-cli")
+
+PARTITION_PREMAKE_MONTHS = env_int("PARTITION_PREMAKE_MONTHS", 3)
+PARTITION_RETENTION_MONTHS = env_int("PARTITION_RETENTION_MONTHS", 12)
+PARTITION_ARCHIVE = env_bool("PARTITION_ARCHIVE", True)
+PARTITION_DROP = env_bool("PARTITION_DROP", True)
+# --- end Backups and partitions ---
+
+# --- Metrics (InfluxDB) ---
+# Owned by the metrics app; docs/README-metrics.md documents every variable with
+# examples for InfluxDB 1.x, 2.x and 3.x. Points always go to the PostgreSQL outbox
+# first; with INFLUXDB_URL unset they wait there (bounded by the cap below).
+INFLUXDB_URL = os.environ.get("INFLUXDB_URL", "")
+# v2: writes to /api/v2/write (InfluxDB 1.8+, 2.x, 3.x); v1: /write (InfluxDB 1.x).
+INFLUXDB_API = os.environ.get("INFLUXDB_API", "v2")
+# v2: an API token; v1: "username:password" (sent as HTTP Basic), or empty without auth.
+INFLUXDB_TOKEN = os.environ.get("INFLUXDB_TOKEN", "")
+INFLUXDB_ORG = os.environ.get("INFLUXDB_ORG", "freeagentics")
+INFLUXDB_BUCKET = os.environ.get("INFLUXDB_BUCKET", "freeagentics_metrics")
+# InfluxQL's database and retention policy; empty: derived from INFLUXDB_BUCKET.
+INFLUXDB_DATABASE = os.environ.get("INFLUXDB_DATABASE", "")
+INFLUXDB_RETENTION_POLICY = os.environ.get("INFLUXDB_RETENTION_POLICY", "")
+# influxql (every version) or flux (InfluxDB 2.x only).
+INFLUXDB_QUERY_LANGUAGE = os.environ.get("INFLUXDB_QUERY_LANGUAGE", "influxql")
+INFLUXDB_TIMEOUT_MS = env_int("INFLUXDB_TIMEOUT_MS", 10_000)
+INFLUXDB_VERIFY_SSL = env_bool("INFLUXDB_VERIFY_SSL", True)
+
+METRICS_RECORD = env_bool("METRICS_RECORD", True)
+# Per-dimension belief_<i> fields copy belief values, which are encrypted at rest, into
+# the outbox and InfluxDB in plaintext: off unless an operator chooses otherwise.
+METRICS_BELIEF_DIMENSIONS = env_bool("METRICS_BELIEF_DIMENSIONS", False)
+METRICS_BELIEF_DIMENSIONS_MAX = env_int("METRICS_BELIEF_DIMENSIONS_MAX", 64)
+# When the outbox holds this many points, new points are dropped and counted.
+METRICS_OUTBOX_MAX_POINTS = env_int("METRICS_OUTBOX_MAX_POINTS", 5_000_000)
+METRICS_FLUSH_BATCH_SIZE = env_int("METRICS_FLUSH_BATCH_SIZE", 5_000)
+METRICS_FLUSH_RETRIES = env_int("METRICS_FLUSH_RETRIES", 5)
+METRICS_FLUSH_BACKOFF_BASE_MS = env_int("METRICS_FLUSH_BACKOFF_BASE_MS", 500)
+METRICS_FLUSH_BACKOFF_MAX_MS = env_int("METRICS_FLUSH_BACKOFF_MAX_MS", 60_000)
+METRICS_CHART_TIMEOUT_MS = env_int("METRICS_CHART_TIMEOUT_MS", 2_000)
+# --- end Metrics (InfluxDB) ---

@@ -1,0 +1,41 @@
+from django.core.management.base import BaseCommand, CommandError
+
+from backups.exceptions import DrillFailedError
+from backups.management.base import progress_for, service_errors
+from backups.services import backup_verify
+
+
+class Command(BaseCommand):
+    help = (
+        "Restore drill: restore a backup (or 'latest', or a partition archive) into a scratch "
+        "database, check row counts, schema objects and that every belief state decrypts, "
+        "then drop the scratch database and report."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("name", help="Backup or archive name, or 'latest'.")
+        parser.add_argument(
+            "--database", default="default", help="Database alias whose server hosts the drill."
+        )
+
+    def handle(self, *args, **options):
+        try:
+            with service_errors():
+                report = backup_verify(
+                    name=options["name"],
+                    alias=options["database"],
+                    progress=progress_for(self, options),
+                )
+        except CommandError as e:
+            if isinstance(e.__cause__, DrillFailedError) and e.__cause__.report:
+                self._print(e.__cause__.report)
+            raise
+        self._print(report)
+        self.stdout.write(
+            self.style.SUCCESS(f"{report.name} restores and checks out ({report.seconds:.1f}s).")
+        )
+
+    def _print(self, report):
+        for label, ok, detail in report.checks:
+            mark = self.style.SUCCESS("ok  ") if ok else self.style.ERROR("FAIL")
+            self.stdout.write(f"{mark} {label}: {detail}")
