@@ -259,61 +259,6 @@ PARTITION_ARCHIVE = env_bool("PARTITION_ARCHIVE", True)
 PARTITION_DROP = env_bool("PARTITION_DROP", True)
 # --- end Backups and partitions ---
 
-# --- Backups and partitions ---
-# Owned by the backups app; README "Operations" documents every variable.
-BACKUP_DIR = Path(os.environ.get("BACKUP_DIR") or BASE_DIR / "var" / "backups")
-BACKUP_S3_BUCKET = os.environ.get("BACKUP_S3_BUCKET", "")
-if BACKUP_S3_BUCKET:
-    _backup_storage = {
-        "BACKEND": "storages.backends.s3.S3Storage",
-        "OPTIONS": {
-            "bucket_name": BACKUP_S3_BUCKET,
-            "location": os.environ.get("BACKUP_S3_PREFIX", "backups"),
-            # Unset values fall back to boto3's own chain (env, profile, instance role).
-            "endpoint_url": os.environ.get("AWS_S3_ENDPOINT_URL") or None,
-            "region_name": os.environ.get("AWS_S3_REGION_NAME") or None,
-            "access_key": os.environ.get("AWS_ACCESS_KEY_ID") or None,
-            "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
-            "file_overwrite": False,
-            "default_acl": "private",
-            # S3File keeps reads in memory below this size and spools to disk above it.
-            "max_memory_size": 16 * 1024 * 1024,
-        },
-    }
-else:
-    _backup_storage = {
-        "BACKEND": "django.core.files.storage.FileSystemStorage",
-        # Backups hold every tenant's data: readable by the service user only.
-        "OPTIONS": {
-            "location": BACKUP_DIR,
-            "file_permissions_mode": 0o600,
-            "directory_permissions_mode": 0o700,
-        },
-    }
-# Merged, not assigned, so STORAGES set earlier in this module keeps its entries.
-STORAGES = {
-    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
-    **globals().get("STORAGES", {}),
-    "backups": _backup_storage,
-}
-# Comma-separated Fernet-format keys: the first encrypts, every key decrypts. Unset: no
-# encryption. Must differ from FREEAGENTICS_ENCRYPTION_KEYS (checked when used).
-BACKUP_ENCRYPTION_KEY = env_list("BACKUP_ENCRYPTION_KEY")
-BACKUP_TEMP_DIR = os.environ.get("BACKUP_TEMP_DIR") or None
-BACKUP_PG_BIN_DIR = os.environ.get("BACKUP_PG_BIN_DIR", "")
-BACKUP_MAINTENANCE_DB = os.environ.get("BACKUP_MAINTENANCE_DB", "postgres")
-BACKUP_NAME_PREFIX = os.environ.get("BACKUP_NAME_PREFIX", "freeagentics")
-BACKUP_REDIS_URL = os.environ.get("BACKUP_REDIS_URL") or REDIS_URL
-BACKUP_REDIS_RDB = env_bool("BACKUP_REDIS_RDB", True)
-BACKUP_REDIS_CLI = os.environ.get("BACKUP_REDIS_CLI", "redis-cli")
-
-PARTITION_PREMAKE_MONTHS = env_int("PARTITION_PREMAKE_MONTHS", 3)
-PARTITION_RETENTION_MONTHS = env_int("PARTITION_RETENTION_MONTHS", 12)
-PARTITION_ARCHIVE = env_bool("PARTITION_ARCHIVE", True)
-PARTITION_DROP = env_bool("PARTITION_DROP", True)
-# --- end Backups and partitions ---
-
 # --- Metrics (InfluxDB) ---
 # Owned by the metrics app; docs/README-metrics.md documents every variable with
 # examples for InfluxDB 1.x, 2.x and 3.x. Points always go to the PostgreSQL outbox
