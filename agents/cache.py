@@ -16,6 +16,7 @@ commit. The first failure is logged, then Redis is left alone for RETRY_AFTER
 seconds, so an outage costs neither a log line nor a timeout per call.
 """
 
+import collections
 import json
 import logging
 import threading
@@ -92,6 +93,9 @@ class _RedisGuard:
 
 
 guard = _RedisGuard()
+
+# Per-process hit/miss counts of get_agent, for benchmarks and operators.
+stats: collections.Counter = collections.Counter()
 
 
 def beliefs_key(agent_id) -> str:

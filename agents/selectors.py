@@ -40,7 +40,9 @@ def get_agent(*, tenant: Tenant, agent_id) -> AgentState:
     if cached is not None:
         state = _from_cache(cached, tenant, agent_id)
         if state is not None:
+            cache.stats["hits"] += 1
             return state
+    cache.stats["misses"] += 1
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT {_COLUMNS}, belief_state FROM agents WHERE id = %s AND tenant_id = %s",
