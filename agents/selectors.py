@@ -2,6 +2,7 @@
 
 import dataclasses
 import datetime
+import logging
 
 import h3
 from django.core.exceptions import ObjectDoesNotExist
@@ -9,9 +10,12 @@ from django.db import connection
 
 from agents import cache
 from agents.encryption import decrypt_array
+from agents.exceptions import BeliefStateError
 from agents.models import Agent, AgentHistory, Tenant
 from agents.types import AGENT_COLUMNS, AgentState, state_from_row
 from agents.validators import validate_cell, validate_radius
+
+logger = logging.getLogger(__name__)
 
 AGENT_NOT_FOUND = "Agent {agent_id} does not exist in tenant {tenant}."
 
@@ -38,7 +42,15 @@ def get_agent(*, tenant: Tenant, agent_id) -> AgentState:
     (cache-aside: a miss reads PostgreSQL and fills the cache). Raises AgentNotFound."""
     cached = cache.agent_load(agent_id)
     if cached is not None:
-        state = _from_cache(cached, tenant, agent_id)
+        try:
+            state = _from_cache(cached, tenant, agent_id)
+        except BeliefStateError:
+            # Cached under a key since removed (after a rotation): the cache is derived
+            # data, so PostgreSQL answers, and a row it cannot open raises there.
+            logger.warning(
+                "Cached state of agent %s does not decrypt; reading PostgreSQL", agent_id
+            )
+            state = None
         if state is not None:
             cache.stats["hits"] += 1
             return state

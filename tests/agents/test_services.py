@@ -296,3 +296,20 @@ def test_redis_down_reads_fall_back_and_writes_succeed_logged_once(tenant, redis
     warnings = [r for r in caplog.records if r.name == "agents.cache"]
     assert len(warnings) == 1
     assert "Redis unavailable" in warnings[0].getMessage()
+
+
+def test_cache_entry_under_a_removed_key_falls_back_to_postgres(tenant, settings):
+    from cryptography.fernet import Fernet
+
+    old_key = settings.FREEAGENTICS_ENCRYPTION_KEYS[0]
+    new_key = Fernet.generate_key().decode()
+    agent = agent_create(tenant=tenant, spec=spec(beliefs=np.arange(3.0)))
+    get_agent(tenant=tenant, agent_id=agent.id)  # cached under the old key
+    settings.FREEAGENTICS_ENCRYPTION_KEYS = [new_key, old_key]
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    call_command("rotate_encryption_keys", stdout=StringIO(), stderr=StringIO())
+    settings.FREEAGENTICS_ENCRYPTION_KEYS = [new_key]
+    assert np.array_equal(get_agent(tenant=tenant, agent_id=agent.id).beliefs, np.arange(3.0))
