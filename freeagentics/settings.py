@@ -258,3 +258,36 @@ PARTITION_RETENTION_MONTHS = env_int("PARTITION_RETENTION_MONTHS", 12)
 PARTITION_ARCHIVE = env_bool("PARTITION_ARCHIVE", True)
 PARTITION_DROP = env_bool("PARTITION_DROP", True)
 # --- end Backups and partitions ---
+
+# --- Metrics (InfluxDB) ---
+# Owned by the metrics app; docs/README-metrics.md documents every variable with
+# examples for InfluxDB 1.x, 2.x and 3.x. Points always go to the PostgreSQL outbox
+# first; with INFLUXDB_URL unset they wait there (bounded by the cap below).
+INFLUXDB_URL = os.environ.get("INFLUXDB_URL", "")
+# v2: writes to /api/v2/write (InfluxDB 1.8+, 2.x, 3.x); v1: /write (InfluxDB 1.x).
+INFLUXDB_API = os.environ.get("INFLUXDB_API", "v2")
+# v2: an API token; v1: "username:password" (sent as HTTP Basic), or empty without auth.
+INFLUXDB_TOKEN = os.environ.get("INFLUXDB_TOKEN", "")
+INFLUXDB_ORG = os.environ.get("INFLUXDB_ORG", "freeagentics")
+INFLUXDB_BUCKET = os.environ.get("INFLUXDB_BUCKET", "freeagentics_metrics")
+# InfluxQL's database and retention policy; empty: derived from INFLUXDB_BUCKET.
+INFLUXDB_DATABASE = os.environ.get("INFLUXDB_DATABASE", "")
+INFLUXDB_RETENTION_POLICY = os.environ.get("INFLUXDB_RETENTION_POLICY", "")
+# influxql (every version) or flux (InfluxDB 2.x only).
+INFLUXDB_QUERY_LANGUAGE = os.environ.get("INFLUXDB_QUERY_LANGUAGE", "influxql")
+INFLUXDB_TIMEOUT_MS = env_int("INFLUXDB_TIMEOUT_MS", 10_000)
+INFLUXDB_VERIFY_SSL = env_bool("INFLUXDB_VERIFY_SSL", True)
+
+METRICS_RECORD = env_bool("METRICS_RECORD", True)
+# Per-dimension belief_<i> fields copy belief values, which are encrypted at rest, into
+# the outbox and InfluxDB in plaintext: off unless an operator chooses otherwise.
+METRICS_BELIEF_DIMENSIONS = env_bool("METRICS_BELIEF_DIMENSIONS", False)
+METRICS_BELIEF_DIMENSIONS_MAX = env_int("METRICS_BELIEF_DIMENSIONS_MAX", 64)
+# When the outbox holds this many points, new points are dropped and counted.
+METRICS_OUTBOX_MAX_POINTS = env_int("METRICS_OUTBOX_MAX_POINTS", 5_000_000)
+METRICS_FLUSH_BATCH_SIZE = env_int("METRICS_FLUSH_BATCH_SIZE", 5_000)
+METRICS_FLUSH_RETRIES = env_int("METRICS_FLUSH_RETRIES", 5)
+METRICS_FLUSH_BACKOFF_BASE_MS = env_int("METRICS_FLUSH_BACKOFF_BASE_MS", 500)
+METRICS_FLUSH_BACKOFF_MAX_MS = env_int("METRICS_FLUSH_BACKOFF_MAX_MS", 60_000)
+METRICS_CHART_TIMEOUT_MS = env_int("METRICS_CHART_TIMEOUT_MS", 2_000)
+# --- end Metrics (InfluxDB) ---
