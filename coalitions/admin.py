@@ -1,22 +1,72 @@
-from django.contrib import admin
+"""Back office for coalitions and their members.
+
+Every write goes through coalitions.services: a new coalition through coalition_create,
+members through coalition_add_member / coalition_remove_member, status through admin
+actions calling coalition_set_status. No service edits an existing coalition's fields or
+a member's role and score, so those are read-only here.
+"""
+
+from django.contrib import admin, messages
+from django.contrib.admin.utils import flatten_fieldsets
+from django.core.exceptions import ValidationError
 from django.db.models import Count
+from django.utils import timezone
 
-from coalitions.models import Coalition, CoalitionMember
+from agents.admin_scoping import (
+    TenantScopedAdminMixin,
+    TenantScopedInlineMixin,
+    csv_response,
+    service_errors_as_form_errors,
+)
+from coalitions.models import Coalition, CoalitionMember, CoalitionStatus
+from coalitions.services import (
+    coalition_add_member,
+    coalition_create,
+    coalition_remove_member,
+    coalition_set_status,
+)
 
 
-class CoalitionMemberInline(admin.TabularInline):
+def _timestamp(value) -> str:
+    return "" if value is None else timezone.localtime(value).isoformat(timespec="seconds")
+
+
+class CoalitionMemberInline(TenantScopedInlineMixin, admin.TabularInline):
     model = CoalitionMember
+    tenant_path = "coalition__tenant"
     extra = 0
     autocomplete_fields = ["agent"]
-    fields = ["agent", "role", "contribution_score", "joined_at"]
-    readonly_fields = ["joined_at"]
+    fields = ["agent", "agent_status", "role", "contribution_score", "joined_at"]
+    readonly_fields = ["agent_status", "joined_at"]
+    ordering = ["-contribution_score", "joined_at"]
 
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("agent").defer("agent__belief_state")
 
+    def has_change_permission(self, request, obj=None):
+        # Existing rows are shown read-only: members are added and removed, not edited.
+        return False
+
+    def has_add_permission(self, request, obj):
+        if obj is not None and obj.status == CoalitionStatus.DISSOLVED:
+            return False
+        return super().has_add_permission(request, obj)
+
+    def get_formset(self, request, obj=None, **kwargs):
+        formset = super().get_formset(request, obj, **kwargs)
+        agent = formset.form.base_fields.get("agent")
+        if obj is not None and agent is not None:
+            # Superusers are unscoped, but a coalition only takes its own tenant's agents.
+            agent.queryset = agent.queryset.filter(tenant_id=obj.tenant_id)
+        return formset
+
+    @admin.display(description="Agent status")
+    def agent_status(self, obj):
+        return obj.agent.status if obj.agent_id else "—"
+
 
 @admin.register(Coalition)
-class CoalitionAdmin(admin.ModelAdmin):
+class CoalitionAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     list_display = [
         "name",
         "business_model",
@@ -30,12 +80,172 @@ class CoalitionAdmin(admin.ModelAdmin):
     list_filter = ["status", "business_model", "tenant"]
     search_fields = ["name", "business_model"]
     list_select_related = ["tenant"]
-    readonly_fields = ["id", "created_at", "updated_at", "dissolved_at"]
     inlines = [CoalitionMemberInline]
+    actions = ["activate", "mark_profitable", "dissolve", "export_csv"]
+    add_fieldsets = [
+        (
+            None,
+            {
+                "fields": [
+                    "tenant",
+                    "name",
+                    "business_model",
+                    "initial_capital",
+                    "formation_criteria",
+                    "business_config",
+                ]
+            },
+        )
+    ]
+    fieldsets = [
+        (
+            None,
+            {
+                "fields": [
+                    "id",
+                    "tenant",
+                    "name",
+                    "business_model",
+                    "status",
+                    "created_at",
+                    "updated_at",
+                    "dissolved_at",
+                ]
+            },
+        ),
+        (
+            "Capital and revenue",
+            {"fields": ["initial_capital", "current_capital", "total_revenue"]},
+        ),
+        ("Configuration", {"fields": ["formation_criteria", "business_config"]}),
+    ]
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(_member_count=Count("memberships"))
 
+    def get_readonly_fields(self, request, obj=None):
+        return flatten_fieldsets(self.fieldsets) if obj is not None else []
+
+    def has_delete_permission(self, request, obj=None):
+        # Coalitions are dissolved, not deleted: no service deletes one (and refreshes
+        # the membership cache), and a dissolved coalition keeps its history.
+        return False
+
     @admin.display(description="Members", ordering="_member_count")
     def member_count(self, obj):
         return obj._member_count
+
+    # Writes --------------------------------------------------------------------------
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            return  # every field of an existing coalition is read-only
+        data = form.cleaned_data
+        with service_errors_as_form_errors():
+            coalition = coalition_create(
+                tenant=self.tenant_for_new(request, form),
+                name=data["name"],
+                business_model=data["business_model"],
+                initial_capital=data["initial_capital"],
+                formation_criteria=data["formation_criteria"],
+                business_config=data["business_config"],
+            )
+        # The members formset, redirect and log entry that follow need the saved row.
+        for field in coalition._meta.concrete_fields:
+            setattr(obj, field.attname, getattr(coalition, field.attname))
+        obj._state.adding = False
+
+    def save_formset(self, request, form, formset, change):
+        if formset.model is not CoalitionMember:
+            return super().save_formset(request, form, formset, change)
+        coalition = form.instance
+        deleted = formset.deleted_forms
+        removed, added = [], []
+        with service_errors_as_form_errors():
+            # Removals first, so an agent removed and re-added in one save works.
+            for member_form in formset.initial_forms:
+                if member_form in deleted:
+                    coalition_remove_member(
+                        tenant=coalition.tenant,
+                        coalition_id=coalition.pk,
+                        agent_id=member_form.instance.agent_id,
+                    )
+                    removed.append(member_form.instance)
+            for member_form in formset.extra_forms:
+                if member_form.has_changed() and member_form not in deleted:
+                    data = member_form.cleaned_data
+                    added.append(
+                        coalition_add_member(
+                            tenant=coalition.tenant,
+                            coalition_id=coalition.pk,
+                            agent_id=data["agent"].pk,
+                            role=data["role"],
+                            contribution_score=data["contribution_score"],
+                        )
+                    )
+        # What ModelAdmin.construct_change_message reads for the history entry.
+        formset.new_objects, formset.changed_objects, formset.deleted_objects = added, [], removed
+
+    # Actions -------------------------------------------------------------------------
+
+    @admin.action(description="Activate selected coalitions", permissions=["change"])
+    def activate(self, request, queryset):
+        self._set_status(request, queryset, CoalitionStatus.ACTIVE, "activated")
+
+    @admin.action(description="Mark selected coalitions profitable", permissions=["change"])
+    def mark_profitable(self, request, queryset):
+        self._set_status(request, queryset, CoalitionStatus.PROFITABLE, "marked profitable")
+
+    @admin.action(description="Dissolve selected coalitions", permissions=["change"])
+    def dissolve(self, request, queryset):
+        self._set_status(request, queryset, CoalitionStatus.DISSOLVED, "dissolved")
+
+    def _set_status(self, request, queryset, status: str, verb: str) -> None:
+        done = 0
+        # Each transition is its own service call: one coalition refused by the status
+        # rules does not hold back the others, and the operator is told which.
+        for coalition in queryset.select_related("tenant"):
+            try:
+                coalition_set_status(
+                    tenant=coalition.tenant, coalition_id=coalition.pk, status=status
+                )
+            except ValidationError as e:
+                for message in e.messages:
+                    self.message_user(request, f"{coalition}: {message}", messages.ERROR)
+            else:
+                done += 1
+        if done:
+            self.message_user(request, f"{done} coalition(s) {verb}.", messages.SUCCESS)
+
+    @admin.action(description="Export selected coalitions as CSV", permissions=["view"])
+    def export_csv(self, request, queryset):
+        header = [
+            "id",
+            "tenant",
+            "name",
+            "business_model",
+            "status",
+            "members",
+            "initial_capital",
+            "current_capital",
+            "total_revenue",
+            "created_at",
+            "dissolved_at",
+        ]
+        rows = (
+            [
+                c.pk,
+                c.tenant.slug,
+                c.name,
+                c.business_model,
+                c.status,
+                c._member_count,
+                c.initial_capital,
+                c.current_capital,
+                c.total_revenue,
+                _timestamp(c.created_at),
+                _timestamp(c.dissolved_at),
+            ]
+            for c in queryset.select_related("tenant").order_by("name", "pk").iterator(500)
+        )
+        return csv_response("coalitions.csv", header, rows)
