@@ -509,9 +509,9 @@ def _pg_restore(
     if not entry.encrypted:
         # A seekable archive: pg_restore reads it itself (and can run parallel jobs).
         listing = subprocess.run(
-            [str(client.path), "--list", str(path)], capture_output=True, text=True, env=env
-        )
-        total = sum(1 for ln in listing.stdout.splitlines() if ln and not ln.startswith(";"))
+            [str(client.path), "--list", str(path)], capture_output=True, env=env
+        ).stdout.decode("utf-8", "replace")
+        total = sum(1 for ln in listing.splitlines() if ln and not ln.startswith(";"))
         if jobs > 1:
             args.append(f"--jobs={jobs}")
         proc = _Proc([*args, path], env=env)
@@ -917,7 +917,7 @@ def _drill_beliefs(manifest, alias, scratch, actual, report, progress) -> None:
 # ---------------------------------------------------------------------------------------
 # Partition maintenance
 
-_LOCK_KEY = int.from_bytes(
+PARTITION_LOCK_KEY = int.from_bytes(
     hashlib.sha256(b"freeagentics:maintain_partitions").digest()[:8], "big", signed=True
 )
 
@@ -936,14 +936,14 @@ class PartitionReport:
 @contextlib.contextmanager
 def _maintenance_lock():
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_lock(%s)", [_LOCK_KEY])
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [PARTITION_LOCK_KEY])
         if not cursor.fetchone()[0]:
             raise ValidationError(PARTITION_LOCK_HELD)
     try:
         yield
     finally:
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_unlock(%s)", [_LOCK_KEY])
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [PARTITION_LOCK_KEY])
 
 
 def _q(name: str) -> str:
