@@ -12,14 +12,14 @@ from agents import cache
 from agents.encryption import decrypt_array
 from agents.exceptions import BeliefStateError
 from agents.models import Agent, AgentHistory, Tenant
-from agents.types import AGENT_COLUMNS, AgentState, state_from_row
+from agents.types import AgentState, agent_select_list, state_from_row
 from agents.validators import validate_cell, validate_radius
 
 logger = logging.getLogger(__name__)
 
 AGENT_NOT_FOUND = "Agent {agent_id} does not exist in tenant {tenant}."
 
-_COLUMNS = ", ".join(AGENT_COLUMNS)
+_COLUMNS = agent_select_list()
 _LABEL = "agents.Agent.belief_state"
 
 
