@@ -15,10 +15,18 @@ from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from psycopg.types.json import Jsonb
 
-from agents import cache
+from agents import cache, realtime
 from agents.encryption import encrypt_array
 from agents.models import Agent, AgentStatus, Tenant
-from agents.types import AGENT_COLUMNS, UNSET, AgentState, AgentStateUpdate, micros, state_from_row
+from agents.types import (
+    AGENT_COLUMNS,
+    UNSET,
+    AgentState,
+    AgentStateUpdate,
+    agent_select_list,
+    micros,
+    state_from_row,
+)
 from agents.validators import (
     validate_beliefs,
     validate_cell,
@@ -27,6 +35,7 @@ from agents.validators import (
     validate_status,
 )
 from freeagentics.db import server_binding_cursor
+from metrics.services import agent_metrics_record
 
 AGENTS_NOT_FOUND = "agent_id: {count} agent(s) not found in tenant {tenant}: {ids}."
 DUPLICATE_AGENT = "agent_id: {agent_id} appears more than once in one batch."
@@ -63,7 +72,7 @@ WITH v AS (
     INSERT INTO agent_history (agent_id, recorded_at, belief_state, energy_level)
     SELECT id, updated_at, belief_state, energy_level FROM u
 )
-SELECT {", ".join(AGENT_COLUMNS)}, kept_token FROM u
+SELECT {agent_select_list()}, kept_token FROM u
 """
 
 _ADJUST_SQL = f"""
@@ -75,7 +84,7 @@ WITH u AS (
     INSERT INTO agent_history (agent_id, recorded_at, belief_state, energy_level)
     SELECT id, updated_at, belief_state, energy_level FROM u
 )
-SELECT {", ".join(AGENT_COLUMNS)}, belief_state FROM u
+SELECT {agent_select_list()}, belief_state FROM u
 """
 
 
@@ -90,6 +99,13 @@ class AgentSpec:
     location_h3: str | None = None
     status: str = AgentStatus.ACTIVE
     personality_traits: dict | None = None
+
+
+def _at_position(error: ValidationError, where: str) -> ValidationError:
+    """In a batch of thousands, say which item broke the rule."""
+    return ValidationError(
+        {field: [f"{where}: {m}" for m in msgs] for field, msgs in error.message_dict.items()}
+    )
 
 
 def _validated_spec(spec: AgentSpec) -> AgentSpec:
@@ -127,6 +143,7 @@ def agent_create(*, tenant: Tenant, spec: AgentSpec) -> AgentState:
             personality_traits=spec.personality_traits,
         )
         agent.refresh_from_db(fields=["last_active_at", "updated_at"])
+        realtime.publish_agent_created(agent)
     return AgentState(
         id=agent.id,
         tenant_id=tenant.id,
@@ -181,13 +198,7 @@ def agents_update_states(
         except ValidationError as e:
             if len(updates) == 1:
                 raise
-            # In a batch of thousands, say which update broke the rule.
-            raise ValidationError(
-                {
-                    field: [f"update {index} (agent {update.agent_id}): {m}" for m in messages]
-                    for field, messages in e.message_dict.items()
-                }
-            ) from e
+            raise _at_position(e, f"update {index} (agent {update.agent_id})") from e
         for column, value in zip(columns[1:], values, strict=True):
             column.append(value)
 
@@ -211,6 +222,8 @@ def agents_update_states(
             states.append(state)
             entries.append(cache.agent_entry(state, token if token is not None else row[10]))
         _after_commit(entries)
+        agent_metrics_record(states=states, updates=updates)
+        realtime.publish_agent_states(tenant_id=tenant.id, states=states, tokens=columns[1])
     return states
 
 
@@ -243,6 +256,8 @@ def agent_adjust_energy(*, tenant: Tenant, agent_id: uuid.UUID, delta: int) -> A
             )
         state = state_from_row(row)
         _after_commit([cache.agent_entry(state, row[10])])
+        agent_metrics_record(states=[state])
+        realtime.publish_agent_states(tenant_id=tenant.id, states=[state])
     return state
 
 
@@ -256,6 +271,7 @@ def agent_delete(*, tenant: Tenant, agent_id: uuid.UUID) -> None:
             )
         version = micros(datetime.datetime.now(datetime.UTC))
         transaction.on_commit(lambda: cache.agent_tombstone(agent_id, version))
+        realtime.publish_agent_deleted(tenant_id=tenant.id, agent_id=agent_id)
 
 
 # Bulk loading ------------------------------------------------------------------------
@@ -288,8 +304,11 @@ def agents_bulk_load(
     with transaction.atomic(), connection.cursor() as cursor:
         with cursor.cursor.copy(_COPY_SQL) as copy:
             for chunk in _chunks(specs, batch_size):
-                for spec in chunk:
-                    _validated_spec(spec)
+                for index, spec in enumerate(chunk, loaded):
+                    try:
+                        _validated_spec(spec)
+                    except ValidationError as e:
+                        raise _at_position(e, f"agent {index}") from e
                     copy.write_row(
                         (
                             uuid.uuid4(),
