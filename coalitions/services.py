@@ -10,6 +10,7 @@ from django.utils import timezone
 from agents import cache
 from agents.models import Agent, Tenant
 from coalitions.models import BusinessModel, Coalition, CoalitionMember, CoalitionStatus
+from metrics.services import coalition_metrics_record
 
 BUSINESS_MODEL_UNKNOWN = "business_model: {value!r} is not one of {allowed}."
 STATUS_UNKNOWN = "status: {value!r} is not one of {allowed}."
@@ -132,6 +133,7 @@ def coalition_add_member(
         except IntegrityError:
             raise ValidationError({"agent_id": ALREADY_MEMBER.format(agent_id=agent_id)}) from None
         _invalidate_members_on_commit(coalition.id)
+        coalition_metrics_record(coalition=coalition)
     return member
 
 
@@ -144,6 +146,7 @@ def coalition_remove_member(
         if not deleted:
             raise ValidationError({"agent_id": NOT_MEMBER.format(agent_id=agent_id)})
         _invalidate_members_on_commit(coalition.id)
+        coalition_metrics_record(coalition=coalition)
 
 
 def coalition_set_status(*, tenant: Tenant, coalition_id: uuid.UUID, status: str) -> Coalition:
