@@ -36,7 +36,6 @@ from agents.validators import (
 )
 from freeagentics.db import server_binding_cursor
 from metrics.services import agent_metrics_record
-from metrics.services import agent_metrics_record
 
 AGENTS_NOT_FOUND = "agent_id: {count} agent(s) not found in tenant {tenant}: {ids}."
 DUPLICATE_AGENT = "agent_id: {agent_id} appears more than once in one batch."
@@ -224,7 +223,6 @@ def agents_update_states(
             entries.append(cache.agent_entry(state, token if token is not None else row[10]))
         _after_commit(entries)
         agent_metrics_record(states=states, updates=updates)
-        agent_metrics_record(states=states, updates=updates)
         realtime.publish_agent_states(tenant_id=tenant.id, states=states, tokens=columns[1])
     return states
 
@@ -258,7 +256,6 @@ def agent_adjust_energy(*, tenant: Tenant, agent_id: uuid.UUID, delta: int) -> A
             )
         state = state_from_row(row)
         _after_commit([cache.agent_entry(state, row[10])])
-        agent_metrics_record(states=[state])
         agent_metrics_record(states=[state])
         realtime.publish_agent_states(tenant_id=tenant.id, states=[state])
     return state
