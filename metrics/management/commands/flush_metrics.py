@@ -1,0 +1,68 @@
+import signal
+import threading
+
+from django.core.exceptions import ImproperlyConfigured, ValidationError
+from django.core.management.base import BaseCommand, CommandError
+
+from freeagentics.progress import Progress
+from metrics.exceptions import InfluxDBUnavailable
+from metrics.selectors import outbox_status
+from metrics.services import outbox_flush, outbox_requeue_rejected
+
+
+class Command(BaseCommand):
+    help = "Ship metrics points from the outbox to InfluxDB; delete them once acknowledged."
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--follow", action="store_true", help="Keep running; retry outages with backoff."
+        )
+        parser.add_argument("--batch-size", type=int, help="Points per request (default setting).")
+        parser.add_argument(
+            "--retries", type=int, help="One-shot: consecutive failures before giving up."
+        )
+        parser.add_argument(
+            "--interval", type=float, default=1.0, help="--follow: seconds between empty polls."
+        )
+        parser.add_argument(
+            "--requeue-rejected",
+            action="store_true",
+            help="First move points InfluxDB rejected back into the outbox.",
+        )
+
+    def handle(self, *args, **options):
+        if options["requeue_rejected"]:
+            self.stdout.write(f"{outbox_requeue_rejected()} rejected point(s) requeued")
+        stop = threading.Event()
+        if options["follow"] and threading.current_thread() is threading.main_thread():
+            # Finish the batch in flight, then exit: nothing is sent twice needlessly.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stop.set())
+        progress = Progress(
+            self.stdout,
+            total=None if options["follow"] else outbox_status().pending,
+            label="metrics points",
+        )
+        try:
+            report = outbox_flush(
+                follow=options["follow"],
+                batch_size=options["batch_size"],
+                retries=options["retries"],
+                poll_interval=options["interval"],
+                stop=stop,
+                on_batch=progress.advance,
+            )
+        except (ImproperlyConfigured, InfluxDBUnavailable) as e:
+            raise CommandError(f"{e} {self._waiting()}") from e
+        except ValidationError as e:
+            raise CommandError("; ".join(e.messages)) from e
+        progress.finish()
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"{report.sent} point(s) sent in {report.batches} batch(es), "
+                f"{report.rejected} rejected; {outbox_status().pending} wait in the outbox"
+            )
+        )
+
+    def _waiting(self) -> str:
+        return f"({outbox_status().pending} point(s) wait in the outbox, intact.)"

@@ -1,0 +1,370 @@
+"""Writes of metrics (ADR-012 section 3) through a transactional outbox.
+
+Recording a point inserts a line-protocol row into metrics_outbox on the caller's
+connection, so it commits or rolls back with the state change it describes, and never
+waits on InfluxDB. `outbox_flush` (the flush_metrics command) ships rows in batches:
+SELECT ... FOR UPDATE SKIP LOCKED, POST, DELETE, COMMIT. Rows are deleted only after
+InfluxDB acknowledged them; a flusher that dies in between leaves them locked by a
+rolled-back transaction, so they are sent again, and overwrite themselves (same
+measurement, tags and timestamp).
+
+Cap: when the outbox holds METRICS_OUTBOX_MAX_POINTS points, new points are dropped
+(the newest, as Vector's `drop_newest`), counted in metrics_outbox_dropped and logged
+at ERROR. The agent write itself never fails or waits: the check and the count are
+part of the one INSERT statement that records the points.
+"""
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import DatabaseError, connection, transaction
+
+from agents.types import AgentState, AgentStateUpdate
+from freeagentics.db import server_binding_cursor
+from metrics import client, points
+from metrics.exceptions import InfluxDBRejected, InfluxDBUnavailable
+
+logger = logging.getLogger(__name__)
+
+MEMBER_COUNT_NEGATIVE = "member_count: must be a non-negative integer, got {value!r}."
+BATCH_SIZE_RANGE = "batch_size: must be between 1 and 100000, got {value!r}."
+
+# One statement, so recording adds one round trip per batch. The backlog estimate is
+# the id range (two index probes, no count(*)): an upper bound, exact unless ids were
+# skipped by rolled-back inserts.
+_OUTBOX_INSERT_SQL = """
+WITH backlog AS (
+    SELECT COALESCE(max(id) - min(id) + 1, 0) AS n, %b::bigint AS cap FROM metrics_outbox
+), added AS (
+    INSERT INTO metrics_outbox (line)
+    SELECT line FROM unnest(%b::text[]) AS line, backlog WHERE backlog.n < backlog.cap
+), dropped AS (
+    INSERT INTO metrics_outbox_dropped (points)
+    SELECT %b::int FROM backlog WHERE backlog.n >= backlog.cap
+)
+SELECT n >= cap, n FROM backlog
+"""
+
+_FLUSH_SELECT_SQL = """
+SELECT id, line FROM metrics_outbox WHERE id <= %b ORDER BY id LIMIT %b FOR UPDATE SKIP LOCKED
+"""
+_FLUSH_DELETE_SQL = "DELETE FROM metrics_outbox WHERE id = ANY(%b::bigint[])"
+_REJECT_SQL = (
+    "INSERT INTO metrics_outbox_rejected (line, error) SELECT * FROM unnest(%b::text[], %b::text[])"
+)
+_REQUEUE_SQL = """
+WITH moved AS (DELETE FROM metrics_outbox_rejected RETURNING id, line)
+INSERT INTO metrics_outbox (line) SELECT line FROM moved ORDER BY id
+"""
+_NO_LIMIT = 2**63 - 1
+
+
+class _DropLog:
+    """Logs dropped points at ERROR at most once a minute per process, with the count
+    since the last line, so a full outbox is loud without flooding the log."""
+
+    INTERVAL = 60.0
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._last = float("-inf")
+
+    def add(self, count: int, backlog: int) -> None:
+        with self._lock:
+            self._pending += count
+            now = time.monotonic()
+            if now - self._last < self.INTERVAL:
+                return
+            dropped, self._pending, self._last = self._pending, 0, now
+        logger.error(
+            "Metrics outbox is full (%d points, cap METRICS_OUTBOX_MAX_POINTS=%d): dropped %d "
+            "new point(s). Start or fix the flusher (manage.py flush_metrics --follow).",
+            backlog,
+            settings.METRICS_OUTBOX_MAX_POINTS,
+            dropped,
+        )
+
+
+_drop_log = _DropLog()
+
+
+def outbox_add(lines: Sequence[str]) -> int:
+    """Insert finished line-protocol lines into the outbox, on the default connection
+    and in its current transaction. Returns how many were kept: 0 when the outbox is
+    full (the lines are then counted as dropped)."""
+    if not lines:
+        return 0
+    with server_binding_cursor() as cursor:
+        cursor.execute(
+            _OUTBOX_INSERT_SQL, [settings.METRICS_OUTBOX_MAX_POINTS, list(lines), len(lines)]
+        )
+        full, backlog = cursor.fetchone()
+    if full:
+        _drop_log.add(len(lines), backlog)
+        return 0
+    return len(lines)
+
+
+def _dimensions_allowed(size: int) -> bool:
+    if size <= settings.METRICS_BELIEF_DIMENSIONS_MAX:
+        return True
+    logger.warning(
+        "Belief array of %d elements exceeds METRICS_BELIEF_DIMENSIONS_MAX=%d: "
+        "per-dimension fields not recorded for it.",
+        size,
+        settings.METRICS_BELIEF_DIMENSIONS_MAX,
+    )
+    return False
+
+
+def _agent_lines(
+    states: Sequence[AgentState], free_energies: Sequence, beliefs: Sequence
+) -> list[str]:
+    with_beliefs = [i for i, b in enumerate(beliefs) if b is not None]
+    stats = points.belief_stats([beliefs[i] for i in with_beliefs])
+    stats_by_index = dict(zip(with_beliefs, stats, strict=True))
+    dimensions = settings.METRICS_BELIEF_DIMENSIONS
+    lines = []
+    for i, state in enumerate(states):
+        array = beliefs[i]
+        line = points.agent_line(
+            agent_id=state.id,
+            tenant_id=state.tenant_id,
+            time_ns=points.timestamp_ns(state.updated_at),
+            free_energy=free_energies[i],
+            stats=stats_by_index.get(i),
+            energy_level=state.energy_level,
+            dimensions=array
+            if dimensions and array is not None and _dimensions_allowed(array.size)
+            else None,
+        )
+        if line is not None:
+            lines.append(line)
+    return lines
+
+
+def agent_metrics_record(
+    *, states: Sequence[AgentState], updates: Sequence[AgentStateUpdate] | None = None
+) -> None:
+    """Queue one agent_beliefs point per new agent state, in the caller's transaction.
+
+    Called by the agent services after their UPDATE, with the states they return
+    (beliefs set where the update set them) and, from agents_update_states, the updates
+    that carry free_energy. The point's time is the state's updated_at, the same
+    instant as its agent_history row. Never raises: a point that cannot be built is
+    logged and skipped, so metrics cannot fail an agent write.
+    """
+    if not settings.METRICS_RECORD or not states:
+        return
+    try:
+        free_energies = (
+            [u.free_energy for u in updates] if updates is not None else [None] * len(states)
+        )
+        lines = _agent_lines(states, free_energies, [s.beliefs for s in states])
+    except Exception:
+        logger.exception("Could not build agent metrics; %d point(s) not recorded", len(states))
+        return
+    outbox_add(lines)
+
+
+def record_agent_belief_update(*, agent, beliefs, free_energy) -> None:
+    """ADR-012's collector call: queue one agent_beliefs point for `agent` (anything
+    with id and tenant_id) at the current time: free_energy, belief_entropy,
+    max_belief, belief_variance, plus belief_<i> fields when METRICS_BELIEF_DIMENSIONS
+    is on. Runs in the caller's transaction; never contacts InfluxDB."""
+    if not settings.METRICS_RECORD:
+        return
+    array = None if beliefs is None else np.asarray(beliefs, dtype=np.float64)
+    stats = points.belief_stats([array])[0] if array is not None else None
+    line = points.agent_line(
+        agent_id=agent.id,
+        tenant_id=agent.tenant_id,
+        time_ns=time.time_ns(),
+        free_energy=free_energy,
+        stats=stats,
+        dimensions=array
+        if settings.METRICS_BELIEF_DIMENSIONS
+        and array is not None
+        and _dimensions_allowed(array.size)
+        else None,
+    )
+    if line is not None:
+        outbox_add([line])
+
+
+def record_coalition_performance(*, coalition, member_count: int, revenue, efficiency) -> None:
+    """ADR-012's collector call: queue one coalition_performance point (member_count,
+    revenue, efficiency, revenue_per_member, which is 0 without members) at the current
+    time. `efficiency` may be None when the caller has none; the field is then omitted.
+    Raises ValidationError for a negative member_count."""
+    if isinstance(member_count, bool) or not isinstance(member_count, int) or member_count < 0:
+        raise ValidationError({"member_count": MEMBER_COUNT_NEGATIVE.format(value=member_count)})
+    if not settings.METRICS_RECORD:
+        return
+    outbox_add(
+        [
+            points.coalition_line(
+                coalition_id=coalition.id,
+                tenant_id=coalition.tenant_id,
+                time_ns=time.time_ns(),
+                member_count=member_count,
+                revenue=revenue,
+                efficiency=efficiency,
+            )
+        ]
+    )
+
+
+def coalition_metrics_record(*, coalition) -> None:
+    """Queue a coalition_performance point after a membership change: the member count
+    read in the caller's transaction and the coalition's total_revenue (no efficiency:
+    the services do not know one)."""
+    if not settings.METRICS_RECORD:
+        return
+    count = coalition.memberships.count()
+    record_coalition_performance(
+        coalition=coalition, member_count=count, revenue=coalition.total_revenue, efficiency=None
+    )
+
+
+# Flushing ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class FlushReport:
+    sent: int = 0
+    batches: int = 0
+    rejected: int = 0
+    failures: int = 0
+
+
+def _backoff_delays():
+    """Exponential backoff with full jitter (AWS's recommendation): many flushers that
+    failed together do not all retry together."""
+    base = settings.METRICS_FLUSH_BACKOFF_BASE_MS / 1000
+    cap = settings.METRICS_FLUSH_BACKOFF_MAX_MS / 1000
+    attempt = 0
+    while True:
+        yield random.uniform(0, min(cap, base * 2**attempt))
+        attempt += 1
+
+
+def _ship(rows: list[tuple[int, str]], config) -> list[tuple[str, str]]:
+    """Write rows; return the (line, error) pairs InfluxDB refused. A refused batch is
+    split in halves until the refused lines are isolated, so one bad point neither
+    blocks the outbox nor takes good points with it (re-sent halves overwrite)."""
+    body = "\n".join(line for _, line in rows).encode()
+    try:
+        client.write_lines(body, config=config)
+        return []
+    except InfluxDBRejected as e:
+        if len(rows) == 1:
+            logger.error(
+                "InfluxDB rejected a metrics point; kept in metrics_outbox_rejected: %s", e
+            )
+            return [(rows[0][1], str(e))]
+        middle = len(rows) // 2
+        return _ship(rows[:middle], config) + _ship(rows[middle:], config)
+
+
+def _flush_batch(*, batch_size: int, upto: int, config, report: FlushReport) -> int:
+    with transaction.atomic(), server_binding_cursor() as cursor:
+        cursor.execute(_FLUSH_SELECT_SQL, [upto, batch_size])
+        rows = cursor.fetchall()
+        if not rows:
+            return 0
+        rejected = _ship(rows, config)
+        cursor.execute(_FLUSH_DELETE_SQL, [[row_id for row_id, _ in rows]])
+        if rejected:
+            cursor.execute(_REJECT_SQL, [[r[0] for r in rejected], [r[1] for r in rejected]])
+    report.sent += len(rows) - len(rejected)
+    report.rejected += len(rejected)
+    report.batches += 1
+    return len(rows)
+
+
+def _outbox_head() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT COALESCE(max(id), 0) FROM metrics_outbox")
+        return cursor.fetchone()[0]
+
+
+def outbox_flush(
+    *,
+    follow: bool = False,
+    batch_size: int | None = None,
+    retries: int | None = None,
+    poll_interval: float = 1.0,
+    stop: threading.Event | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> FlushReport:
+    """Ship outbox points to InfluxDB and delete them once acknowledged.
+
+    One-shot (follow=False): ships the points that existed when it started, then
+    returns; after `retries` consecutive failures (default METRICS_FLUSH_RETRIES) it
+    raises InfluxDBUnavailable and the points stay in the outbox. follow=True: runs
+    until `stop` is set, polling every `poll_interval` seconds when the outbox is empty
+    and retrying failures forever with exponential backoff (capped at
+    METRICS_FLUSH_BACKOFF_MAX_MS). Several flushers may run at once: each batch takes
+    rows with FOR UPDATE SKIP LOCKED.
+
+    Raises ImproperlyConfigured (settings, credentials or target refused) in both modes:
+    no retry can fix those. Returns a FlushReport.
+    """
+    batch_size = batch_size or settings.METRICS_FLUSH_BATCH_SIZE
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or not 0 < batch_size <= 100_000
+    ):
+        raise ValidationError({"batch_size": BATCH_SIZE_RANGE.format(value=batch_size)})
+    retries = settings.METRICS_FLUSH_RETRIES if retries is None else retries
+    config = client.load_config()
+    stop = stop or threading.Event()
+    report = FlushReport()
+    upto = _NO_LIMIT if follow else _outbox_head()
+    delays = _backoff_delays()
+    consecutive, failing_since = 0, None
+    while not stop.is_set():
+        try:
+            shipped = _flush_batch(batch_size=batch_size, upto=upto, config=config, report=report)
+        except (InfluxDBUnavailable, DatabaseError) as e:
+            report.failures += 1
+            consecutive += 1
+            if isinstance(e, DatabaseError):
+                # A broken connection is replaced on the next use; the batch was rolled back.
+                connection.close_if_unusable_or_obsolete()
+            if not follow and consecutive > retries:
+                raise
+            if failing_since is None:
+                failing_since = time.monotonic()
+                logger.warning("Metrics flush failed, retrying with backoff: %s", e)
+            stop.wait(next(delays))
+            continue
+        if failing_since is not None:
+            logger.warning("Metrics flush recovered after %.0f s", time.monotonic() - failing_since)
+            consecutive, failing_since, delays = 0, None, _backoff_delays()
+        if shipped:
+            if on_batch:
+                on_batch(shipped)
+            continue
+        if not follow:
+            break
+        stop.wait(poll_interval)
+    return report
+
+
+def outbox_requeue_rejected() -> int:
+    """Move every rejected point back into the outbox (after fixing what InfluxDB
+    refused them for). Returns how many were moved."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(_REQUEUE_SQL)
+        return cursor.rowcount
