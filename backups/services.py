@@ -287,6 +287,7 @@ def backup_create(
     procs: list[_Proc] = []
     snapshot_conn = None
     postgres_info = redis_info = None
+    migrations = []
     progress.note(f"Backing up to {name}" + (f" (encrypted, key id {key.key_id})" if key else ""))
     try:
         with _staging() as tmp:
@@ -316,6 +317,7 @@ def backup_create(
                 procs.append(rdb)
             if include_postgres:
                 postgres_info = pgtools.describe_database(cursor)
+                migrations = postgres_info.pop("migrations")
                 postgres_info.update(
                     server_version=server,
                     database=pgtools.settings_dict(alias)["NAME"],
@@ -386,7 +388,7 @@ def backup_create(
                 name=name,
                 kind=KIND_FULL,
                 created_at=created_at,
-                django={"version": django.get_version()},
+                django={"version": django.get_version(), "migrations": migrations},
                 files=files,
                 postgres=postgres_info,
                 redis=redis_info,
@@ -660,7 +662,7 @@ def backup_restore(
                 jobs=jobs,
                 progress=progress,
             )
-            result.warnings += _migration_warnings(manifest.postgres.get("migrations", []))
+            result.warnings += _migration_warnings(manifest.django.get("migrations", []))
 
         # 4. Redis.
         if redis_entry:
@@ -877,7 +879,7 @@ def _drill_postgres(manifest, entry, path, alias, report, progress) -> None:
                     else f"{len(expected.get(what, []))} present",
                 )
             if manifest.kind == KIND_FULL:
-                same = actual["migrations"] == expected.get("migrations", [])
+                same = actual["migrations"] == manifest.django.get("migrations", [])
                 report.add("migrations", same, f"{len(actual['migrations'])} applied")
             _drill_beliefs(manifest, alias, scratch, actual, report, progress)
         finally:

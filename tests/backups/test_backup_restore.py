@@ -1,3 +1,4 @@
+import hashlib
 import json
 from io import StringIO
 
@@ -53,7 +54,14 @@ def test_round_trip_restores_identical_rows_and_redis(
     assert all(f["encrypted"] for f in manifest["files"])
     assert manifest["postgres"]["tables"]["public.agents"] == 4
     assert manifest["redis"]["keys"] == 4
-    assert "agents.0002_updated_at_trigger_and_history" in manifest["postgres"]["migrations"]
+    assert "agents.0002_updated_at_trigger_and_history" in manifest["django"]["migrations"]
+    assert manifest["postgres"]["server_version"].startswith("15.")
+    assert manifest["redis"]["server_version"]
+    assert manifest["created_at"].endswith("+00:00")
+    for entry in manifest["files"]:
+        stored = (backup_dir / name / entry["name"]).read_bytes()
+        assert entry["size"] == len(stored)
+        assert entry["sha256"] == hashlib.sha256(stored).hexdigest()
     wipe()
     redis_client.flushdb()
     assert table_rows() != before

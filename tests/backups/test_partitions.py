@@ -22,7 +22,7 @@ from backups.services import PARTITION_LOCK_KEY, partitions_maintain
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-TODAY = datetime.date.today()
+TODAY = datetime.datetime.now(datetime.UTC).date()
 
 
 def month(k: int) -> datetime.date:

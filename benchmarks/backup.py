@@ -1,0 +1,349 @@
+"""Backup and restore of a large database: our commands against plain pg_dump/pg_restore.
+
+    .venv/bin/python benchmarks/backup.py [--agents 100000] [--history 1000000]
+        [--small 10] [--runs 3] [--out docs/BENCH-backup.md]
+
+Builds a dedicated database (fa_bench_backup) at two sizes: full (--agents, --history)
+and small (both divided by --small). History rows are written with COPY into the
+default partition, then `maintain_partitions` moves them into monthly partitions (timed
+too). Per size and round, interleaved so the noise hits every variant alike:
+
+    baseline   pg_dump -Fc -f FILE            | createdb + pg_restore -d DB FILE
+    ours       manage.py backup --no-redis    | manage.py restore NAME --database-name DB
+    ours+enc   the same with BACKUP_ENCRYPTION_KEY set
+
+Our commands run as child processes (Python start-up included in their time); each
+reports its own peak RSS (RUSAGE_SELF: pg_dump/pg_restore are separate processes in
+both variants). Targets: median ratio ours/baseline <= 1.3 for backup and restore, and
+peak RSS that does not grow with the database.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DB = "fa_bench_backup"
+RESTORE_DB = "fa_bench_restore"
+PG = "postgres://postgres@127.0.0.1:5432"
+BACKUP_KEY = "2cvKoTSGhxbFqr4sJvQ8Yw7lQ6dR3Ti6ElvGEVRX6Bc="
+ENV = {
+    "DJANGO_SETTINGS_MODULE": "freeagentics.settings",
+    "DEBUG": "0",
+    "SECRET_KEY": "benchmark",
+    "FREEAGENTICS_ENCRYPTION_KEYS": "j0BikImprDHDLmqRY3Lwqh54e7y_J3kuTUJqAnpvd1M=",
+    "DATABASE_URL": f"{PG}/{DB}",
+    "DATABASE_POOL_MAX_SIZE": "0",
+    "REDIS_URL": "redis://127.0.0.1:6379/12",
+    "BACKUP_DIR": str(ROOT / "var" / "bench-backups"),
+    "PARTITION_RETENTION_MONTHS": "12",
+}
+
+
+def child(argv: list[str]) -> None:
+    """Run one management command in this process; print time and peak RSS as JSON."""
+    import io
+
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    out = io.StringIO()
+    started = time.perf_counter()
+    call_command(*argv, stdout=out, stderr=out)
+    seconds = time.perf_counter() - started
+    lines = out.getvalue().strip().splitlines()
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "last": lines[-1] if lines else "",
+            }
+        )
+    )
+
+
+def run_child(argv: list[str], extra_env: dict | None = None) -> dict:
+    env = {**os.environ, **ENV, **(extra_env or {})}
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", *argv], env=env, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{proc.stdout}\n{proc.stderr}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall"] = wall
+    return result
+
+
+def psql(sql: str, db: str = "postgres") -> None:
+    subprocess.run(
+        ["psql", f"{PG}/{db}", "-v", "ON_ERROR_STOP=1", "-qAtc", sql],
+        check=True,
+        capture_output=True,
+    )
+
+
+def timed(args: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run([str(a) for a in args], check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def build(agents: int, history: int) -> dict:
+    """Create, migrate and fill the benchmark database; returns load timings."""
+    psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
+    psql(f"CREATE DATABASE {DB}")
+    env = {**os.environ, **ENV}
+    subprocess.run([sys.executable, str(ROOT / "manage.py"), "migrate", "-v0"], env=env, check=True)
+    os.environ.update(ENV)
+    import django
+
+    django.setup()
+    import numpy as np
+    import psycopg
+
+    from agents.encryption import encrypt_array
+
+    rng = np.random.default_rng(7)
+    arrays = [rng.random(16) for _ in range(64)]
+    now = datetime.datetime.now(datetime.UTC)
+    started = time.perf_counter()
+    with psycopg.connect(f"{PG}/{DB}") as conn, conn.cursor() as cur:
+        tenants = [uuid.uuid4() for _ in range(10)]
+        with cur.copy("COPY tenants (id, name, slug) FROM STDIN") as copy:
+            for i, tenant in enumerate(tenants):
+                copy.write_row((tenant, f"Tenant {i}", f"tenant-{i}"))
+        agent_ids = [uuid.uuid4() for _ in range(agents)]
+        with cur.copy(
+            "COPY agents (id, name, agent_type, tenant_id, belief_state, energy_level, "
+            "location_h3) FROM STDIN"
+        ) as copy:
+            for i, agent in enumerate(agent_ids):
+                copy.write_row(
+                    (
+                        agent,
+                        f"agent-{i}",
+                        "explorer",
+                        tenants[i % 10],
+                        encrypt_array(arrays[i % 64]),
+                        i % 101,
+                        "891f1d48947ffff",
+                    )
+                )
+        seconds = rng.integers(0, 330 * 86400, size=history)
+        with cur.copy(
+            "COPY agent_history (agent_id, recorded_at, belief_state, energy_level) FROM STDIN"
+        ) as copy:
+            for i in range(history):
+                copy.write_row(
+                    (
+                        agent_ids[i % agents],
+                        now - datetime.timedelta(seconds=int(seconds[i])),
+                        encrypt_array(arrays[i % 64]),
+                        i % 101,
+                    )
+                )
+        conn.commit()
+    load = time.perf_counter() - started
+    maintain = run_child(["maintain_partitions", "--yes"])
+    psql("VACUUM ANALYZE", DB)
+    size = subprocess.run(
+        ["psql", f"{PG}/{DB}", "-qAtc", f"SELECT pg_database_size('{DB}')"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    return {"load": load, "maintain": maintain["wall"], "db_bytes": int(size)}
+
+
+def pg_client(program: str) -> str:
+    """The same client version our commands pick."""
+    import django
+
+    django.setup()
+    from backups import pgtools
+
+    version, number = pgtools.server_version("default")
+    return str(pgtools.find_client(program, number // 10000, version).path)
+
+
+def measure(label: str, agents: int, history: int, runs: int, work: Path) -> dict:
+    print(f"[{label}] building: {agents:,} agents, {history:,} history rows", flush=True)
+    info = build(agents, history)
+    print(
+        f"[{label}] loaded in {info['load']:.0f}s, partitioned in {info['maintain']:.0f}s, "
+        f"database {info['db_bytes'] / 2**20:.0f} MiB",
+        flush=True,
+    )
+    pg_dump, pg_restore = pg_client("pg_dump"), pg_client("pg_restore")
+    env = {**os.environ, "PGHOST": "127.0.0.1", "PGUSER": "postgres"}
+    os.environ.update(env)
+    dump = work / "baseline.dump"
+    samples = {
+        k: []
+        for k in (
+            "pg_dump",
+            "backup",
+            "backup_enc",
+            "pg_restore",
+            "restore",
+            "restore_enc",
+            "rss_backup",
+            "rss_backup_enc",
+            "rss_restore",
+            "rss_restore_enc",
+        )
+    }
+    for round_ in range(runs):
+        dump.unlink(missing_ok=True)
+        samples["pg_dump"].append(timed([pg_dump, "-Fc", "-f", dump, DB]))
+        ours = run_child(["backup", "--no-redis"])
+        enc = run_child(["backup", "--no-redis"], {"BACKUP_ENCRYPTION_KEY": BACKUP_KEY})
+        samples["backup"].append(ours["wall"])
+        samples["backup_enc"].append(enc["wall"])
+        samples["rss_backup"].append(ours["rss_mib"])
+        samples["rss_backup_enc"].append(enc["rss_mib"])
+
+        psql(f"DROP DATABASE IF EXISTS {RESTORE_DB} WITH (FORCE)")
+        started = time.perf_counter()
+        psql(f"CREATE DATABASE {RESTORE_DB}")
+        subprocess.run([pg_restore, "-d", RESTORE_DB, dump], check=True, capture_output=True)
+        samples["pg_restore"].append(time.perf_counter() - started)
+        for key, result, extra in (
+            ("restore", ours, None),
+            ("restore_enc", enc, {"BACKUP_ENCRYPTION_KEY": BACKUP_KEY}),
+        ):
+            psql(f"DROP DATABASE IF EXISTS {RESTORE_DB} WITH (FORCE)")
+            restored = run_child(
+                ["restore", result["last"], "--database-name", RESTORE_DB, "--skip-redis"],
+                extra,
+            )
+            samples[key].append(restored["wall"])
+            samples[f"rss_{key}"].append(restored["rss_mib"])
+        shutil.rmtree(ENV["BACKUP_DIR"], ignore_errors=True)
+        print(
+            f"[{label}] round {round_ + 1}: "
+            + ", ".join(f"{k} {v[-1]:.1f}" for k, v in samples.items()),
+            flush=True,
+        )
+    info["dump_bytes"] = dump.stat().st_size
+    info["samples"] = samples
+    psql(f"DROP DATABASE IF EXISTS {RESTORE_DB} WITH (FORCE)")
+    return info
+
+
+def write_report(results: dict, args, path: Path) -> None:
+    med = statistics.median
+    lines = [
+        "# Backup and restore benchmark",
+        "",
+        f"`benchmarks/backup.py --agents {args.agents} --history {args.history} "
+        f"--small {args.small} --runs {args.runs}`, run {datetime.date.today()} on the shared "
+        "2-core machine (PostgreSQL 15, local disk, local-filesystem backup storage). "
+        "Medians of the rounds; every round runs every variant, interleaved.",
+        "",
+        "Baseline: `pg_dump -Fc -f FILE` and `createdb` + `pg_restore -d DB FILE` (same client "
+        "binaries our commands pick). Ours: `manage.py backup --no-redis` and "
+        "`manage.py restore NAME --database-name DB --skip-redis`, timed as whole processes "
+        "(Python and Django start-up included). Our backup also hashes the dump and counts "
+        "every table's rows inside the dump's snapshot; our restore also verifies the sha256 "
+        "first, counts every table of the restored copy against the manifest, runs ANALYZE "
+        "and renames the database into place.",
+        "",
+        "| size | DB | dump | pg_dump | backup | ratio | +enc | ratio | pg_restore | restore "
+        "| ratio | +enc | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, info in results.items():
+        s = {k: med(v) for k, v in info["samples"].items()}
+        db_mib, dump_mib = info["db_bytes"] / 2**20, info["dump_bytes"] / 2**20
+        lines.append(
+            f"| {label} | {db_mib:.0f} MiB | {dump_mib:.0f} MiB "
+            f"| {s['pg_dump']:.1f}s | {s['backup']:.1f}s | **{s['backup'] / s['pg_dump']:.2f}** "
+            f"| {s['backup_enc']:.1f}s | {s['backup_enc'] / s['pg_dump']:.2f} "
+            f"| {s['pg_restore']:.1f}s | {s['restore']:.1f}s "
+            f"| **{s['restore'] / s['pg_restore']:.2f}** | {s['restore_enc']:.1f}s "
+            f"| {s['restore_enc'] / s['pg_restore']:.2f} |"
+        )
+    lines += [
+        "",
+        "Peak RSS of our command process (MiB, max over rounds):",
+        "",
+        "| size | backup | backup +enc | restore | restore +enc |",
+        "|---|---|---|---|---|",
+    ]
+    for label, info in results.items():
+        s = info["samples"]
+        lines.append(
+            f"| {label} | {max(s['rss_backup']):.0f} | {max(s['rss_backup_enc']):.0f} "
+            f"| {max(s['rss_restore']):.0f} | {max(s['rss_restore_enc']):.0f} |"
+        )
+    lines += [
+        "",
+        "Set-up (once per size): COPY load, then `maintain_partitions` moving every "
+        "history row out of the default partition into 12 monthly partitions:",
+        "",
+    ]
+    for label, info in results.items():
+        lines.append(
+            f"- {label}: load {info['load']:.0f}s, maintain_partitions {info['maintain']:.0f}s"
+        )
+    lines += ["", "All rounds (seconds; RSS in MiB):", "", "```"]
+    for label, info in results.items():
+        for key, values in info["samples"].items():
+            lines.append(f"{label:<6} {key:<16} " + " ".join(f"{v:7.1f}" for v in values))
+    lines += ["```", ""]
+    path.write_text("\n".join(lines))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--agents", type=int, default=100_000)
+    parser.add_argument("--history", type=int, default=1_000_000)
+    parser.add_argument("--small", type=int, default=10, help="small size = full / this")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "BENCH-backup.md"))
+    parser.add_argument("--keep-db", action="store_true")
+    parser.add_argument("--child", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child)
+        return
+    os.environ.update(ENV)
+    work = ROOT / "var" / "bench-work"
+    work.mkdir(parents=True, exist_ok=True)
+    results = {}
+    try:
+        sizes = [
+            ("small", args.agents // args.small, args.history // args.small),
+            ("full", args.agents, args.history),
+        ]
+        for label, agents, history in sizes:
+            results[label] = measure(label, agents, history, args.runs, work)
+        write_report(results, args, Path(args.out))
+        print(Path(args.out).read_text())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(ENV["BACKUP_DIR"], ignore_errors=True)
+        if not args.keep_db:
+            psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
+            psql(f"DROP DATABASE IF EXISTS {RESTORE_DB} WITH (FORCE)")
+
+
+if __name__ == "__main__":
+    main()
