@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from agents import cache
 from agents.models import Agent, Tenant
+from coalitions import realtime
 from coalitions.models import BusinessModel, Coalition, CoalitionMember, CoalitionStatus
 from metrics.services import coalition_metrics_record
 
@@ -134,6 +135,7 @@ def coalition_add_member(
             raise ValidationError({"agent_id": ALREADY_MEMBER.format(agent_id=agent_id)}) from None
         _invalidate_members_on_commit(coalition.id)
         coalition_metrics_record(coalition=coalition)
+        realtime.publish_member_joined(member)
     return member
 
 
@@ -147,6 +149,7 @@ def coalition_remove_member(
             raise ValidationError({"agent_id": NOT_MEMBER.format(agent_id=agent_id)})
         _invalidate_members_on_commit(coalition.id)
         coalition_metrics_record(coalition=coalition)
+        realtime.publish_member_left(coalition_id=coalition.id, agent_id=agent_id)
 
 
 def coalition_set_status(*, tenant: Tenant, coalition_id: uuid.UUID, status: str) -> Coalition:
@@ -172,4 +175,5 @@ def coalition_set_status(*, tenant: Tenant, coalition_id: uuid.UUID, status: str
             coalition.dissolved_at = timezone.now()
             fields.append("dissolved_at")
         coalition.save(update_fields=fields)
+        realtime.publish_status_changed(coalition)
     return coalition

@@ -1,3 +1,9 @@
+"""ASGI entry point: HTTP goes to Django, websockets to the real-time consumers.
+
+Serve it with uvicorn (the measured choice, docs/BENCH-realtime.md):
+    uvicorn freeagentics.asgi:application --host 127.0.0.1 --port 8000
+"""
+
 import os
 
 from django.core.asgi import get_asgi_application
@@ -6,6 +12,15 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "freeagentics.settings")
 # Django must be set up before anything imports models (the websocket routes do).
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-application = ProtocolTypeRouter({"http": django_asgi_app})
+from agents.routing import websocket_urlpatterns  # noqa: E402
+from agents.ws_auth import RealtimeAuthStack, RealtimeOriginValidator  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        # Origin first: a refused browser never reaches the session or token lookups.
+        "websocket": RealtimeOriginValidator(RealtimeAuthStack(URLRouter(websocket_urlpatterns))),
+    }
+)

@@ -291,3 +291,32 @@ METRICS_FLUSH_BACKOFF_BASE_MS = env_int("METRICS_FLUSH_BACKOFF_BASE_MS", 500)
 METRICS_FLUSH_BACKOFF_MAX_MS = env_int("METRICS_FLUSH_BACKOFF_MAX_MS", 60_000)
 METRICS_CHART_TIMEOUT_MS = env_int("METRICS_CHART_TIMEOUT_MS", 2_000)
 # --- end Metrics (InfluxDB) ---
+
+# --- Realtime ---
+# Websocket updates (agents.realtime, agents.consumers); README "Real-time updates".
+# Origins a browser may open websockets from; empty means ALLOWED_HOSTS. A handshake
+# without an Origin header (non-browser clients) is not checked.
+WS_ALLOWED_ORIGINS = env_list("WS_ALLOWED_ORIGINS")
+# Update frames queued per connection before the oldest is dropped.
+WS_QUEUE_SIZE = env_int("WS_QUEUE_SIZE", 1000)
+WS_MAX_SUBSCRIPTIONS = env_int("WS_MAX_SUBSCRIPTIONS", 10_000)
+WS_CONFLATE_MIN_MS = env_int("WS_CONFLATE_MIN_MS", 50)
+WS_CONFLATE_MAX_MS = env_int("WS_CONFLATE_MAX_MS", 60_000)
+# Accept the token in the query string (it then shows in access logs).
+WS_TOKEN_QUERY_PARAM = env_bool("WS_TOKEN_QUERY_PARAM", True)
+# Backstop to the revocation notice: how often each process re-reads its tokens.
+WS_TOKEN_RECHECK_SECONDS = env_int("WS_TOKEN_RECHECK_SECONDS", 60)
+# channels-redis forgets group members after a day (group_expiry); renew well before.
+WS_GROUP_REFRESH_SECONDS = env_int("WS_GROUP_REFRESH_SECONDS", 3600)
+REALTIME_PUBLISH = env_bool("REALTIME_PUBLISH", True)
+# Agents per channel-layer message; a batch of 5,000 updates is 5 messages.
+REALTIME_PUBLISH_CHUNK = env_int("REALTIME_PUBLISH_CHUNK", 1000)
+# Jobs the publisher thread may hold while Redis is slow, before new ones are dropped.
+REALTIME_PUBLISH_BACKLOG = env_int("REALTIME_PUBLISH_BACKLOG", 10_000)
+# redis-py 8 times socket reads out after 5 s by default, exactly channels-redis' BZPOPMIN
+# wait, so idle consumers crashed every ~5 s (channels_redis#422). Keep a timeout (a dead
+# connection must not hang forever), but above the 5 s blocking pop.
+CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [
+    {"address": REDIS_URL, "socket_timeout": env_int("CHANNEL_LAYER_SOCKET_TIMEOUT", 15)}
+]
+# --- end Realtime ---

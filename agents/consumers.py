@@ -1,0 +1,459 @@
+"""Websocket endpoints for agent updates, and the base every real-time endpoint shares.
+
+Consumers stay thin: ws_auth decides who is connecting, agents.realtime's Hub decides
+which frames reach them. What lives here is per connection: the bounded outbound queue
+and the JSON protocol (README "Real-time updates").
+
+Outbound queue policy. The Hub never waits on a connection: it appends to a queue of
+WS_QUEUE_SIZE update frames. When that is full the OLDEST frame is dropped, and before
+the next update frame the client gets {"type": "overflow", "dropped": n}. Replies
+(pong, subscribed, error) have a queue of their own and go out first. With
+?conflate=<ms> there is no update queue: the connection keeps only the latest frame per
+agent and sends them as one frame per interval, so nothing is dropped and memory is
+bounded by the number of agents watched.
+"""
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import deque
+
+from channels.consumer import get_handler_name
+from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+from django.core.exceptions import ValidationError
+
+from agents import realtime
+from agents.api_tokens import api_tokens_active
+from agents.realtime import (
+    CLOSE_BAD_REQUEST,
+    CLOSE_FORBIDDEN,
+    CLOSE_NOT_FOUND,
+    CLOSE_UNAUTHENTICATED,
+    dumps,
+)
+from agents.ws_auth import SUBPROTOCOL, Principal, query_param
+
+logger = logging.getLogger(__name__)
+
+# Error frames ({"type": "error", "code", "message", "id"}) and close reasons.
+BINARY_FRAME = "Binary frames are not supported; send JSON text."
+MALFORMED_JSON = "Frame is not valid JSON."
+NOT_AN_OBJECT = "Frame must be a JSON object."
+UNKNOWN_ACTION = "Unknown action {action!r}; expected one of: {allowed}."
+AGENT_IDS_INVALID = "agent_ids: must be a list of agent UUIDs."
+NOTHING_TO_DO = "Give agent_ids, or all: true."
+FLAG_INVALID = "{name}: must be true or false."
+CONFLATE_INVALID = "conflate: must be an integer number of milliseconds in {low}..{high}."
+TOO_MANY_SUBSCRIPTIONS = "agent_ids: at most {limit} agents per connection."
+AGENTS_NOT_FOUND = "agent_ids: {count} agent(s) not found: {ids}."
+AGENTS_FORBIDDEN = "agent_ids: {count} agent(s) belong to another tenant: {ids}."
+AGENT_NOT_FOUND = "No agent {agent_id}."
+AGENT_FORBIDDEN = "Agent {agent_id} belongs to another tenant."
+COALITION_NOT_FOUND = "No coalition {coalition_id}."
+COALITION_FORBIDDEN = "Coalition {coalition_id} belongs to another tenant."
+BELIEFS_FORBIDDEN = "include_beliefs: this credential may not read full beliefs."
+TOKEN_REVOKED = "API token revoked."
+UNKNOWN_PATH = "No websocket endpoint at {path}."
+
+# Replies are few; a client that sends requests without reading them loses the oldest.
+CONTROL_QUEUE_SIZE = 256
+# A writer hands the loop back this often, so one busy connection cannot starve the rest.
+FRAMES_PER_TURN = 64
+
+
+def close_reason(text: str) -> str:
+    # A close frame's reason is limited to 123 bytes of UTF-8.
+    return text.encode()[:123].decode(errors="ignore")
+
+
+class Refusal(Exception):
+    """Refuse the connection: accept, then close with this code and reason."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def parse_flag(value, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in (None, "", "0", "false"):
+        return False
+    if value in ("1", "true"):
+        return True
+    raise ValidationError(FLAG_INVALID.format(name=name), code=CLOSE_BAD_REQUEST)
+
+
+def parse_conflate(value: str | None) -> float | None:
+    """Seconds between conflated frames, or None for one frame per update."""
+    if value is None:
+        return None
+    low, high = settings.WS_CONFLATE_MIN_MS, settings.WS_CONFLATE_MAX_MS
+    try:
+        ms = int(value)
+    except ValueError:
+        ms = None
+    if ms is None or not low <= ms <= high:
+        raise ValidationError(CONFLATE_INVALID.format(low=low, high=high), code=CLOSE_BAD_REQUEST)
+    return ms / 1000
+
+
+def parse_agent_ids(value) -> list[uuid.UUID]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValidationError(AGENT_IDS_INVALID, code=CLOSE_BAD_REQUEST)
+    try:
+        ids = [uuid.UUID(v) for v in value]
+    except ValueError:
+        raise ValidationError(AGENT_IDS_INVALID, code=CLOSE_BAD_REQUEST) from None
+    return list(dict.fromkeys(ids))
+
+
+def check_ownership(ids: list[uuid.UUID], owners: dict, tenant_id) -> None:
+    """ValidationError (code 4404 or 4403) unless every id is an agent of the tenant."""
+    missing = [str(i) for i in ids if i not in owners]
+    if missing:
+        raise ValidationError(
+            AGENTS_NOT_FOUND.format(count=len(missing), ids=", ".join(missing[:5])),
+            code=CLOSE_NOT_FOUND,
+        )
+    foreign = [str(i) for i in ids if owners[i] != tenant_id]
+    if foreign:
+        raise ValidationError(
+            AGENTS_FORBIDDEN.format(count=len(foreign), ids=", ".join(foreign[:5])),
+            code=CLOSE_FORBIDDEN,
+        )
+
+
+class RealtimeConsumer(AsyncWebsocketConsumer):
+    """Refusal with close codes, the outbound queues and their writer, ping, error
+    frames, and closing with 4401 when the connection's API token is revoked.
+    Subclasses implement open() (raise Refusal to refuse) and close_routes()."""
+
+    actions = ("ping",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.principal: Principal | None = None
+        self.token_id: uuid.UUID | None = None
+        self.conflate: float | None = None
+        self._control: deque[str] = deque(maxlen=CONTROL_QUEUE_SIZE)
+        self._updates: deque[str] = deque(maxlen=max(1, settings.WS_QUEUE_SIZE))
+        self._latest: dict[str, str] | None = None
+        self._dropped = 0
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task | None = None
+        self._closing: asyncio.Task | None = None
+        self._joined: list[str] = []
+        self._open = False
+        self._done = False
+
+    # Subclass hooks ---------------------------------------------------------------
+
+    async def open(self) -> None:
+        raise NotImplementedError
+
+    async def close_routes(self) -> None:
+        pass
+
+    # Connection lifecycle ---------------------------------------------------------
+
+    async def dispatch(self, message):
+        # channels runs close_old_connections() around every message; these consumers
+        # reach the database only through database_sync_to_async, which does that itself.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
+    async def websocket_connect(self, message):
+        self.principal = self.scope.get("realtime") or Principal(
+            refusal=CLOSE_UNAUTHENTICATED, reason="No authentication middleware."
+        )
+        subprotocol = SUBPROTOCOL if SUBPROTOCOL in (self.scope.get("subprotocols") or []) else None
+        try:
+            if self.principal.refusal is not None:
+                raise Refusal(self.principal.refusal, self.principal.reason)
+            self.token_id = self.principal.token_id
+            await realtime.hub().join(self)
+            self._open = True
+            if self.token_id is not None:
+                await self.join_group(realtime.token_group(self.token_id))
+                # A revocation committed before we joined the group was announced to nobody.
+                if not await database_sync_to_async(api_tokens_active)([self.token_id]):
+                    raise Refusal(CLOSE_UNAUTHENTICATED, TOKEN_REVOKED)
+            await self.open()
+        except Refusal as refusal:
+            await self.teardown()
+            await self.accept(subprotocol)
+            await self.close(code=refusal.code, reason=close_reason(refusal.reason))
+            return
+        await self.accept(subprotocol)
+        self._writer = asyncio.ensure_future(self._write())
+
+    async def websocket_disconnect(self, message):
+        await self.teardown()
+        raise StopConsumer()
+
+    async def teardown(self) -> None:
+        """Leave every route and group; safe to call more than once."""
+        if self._done:
+            return
+        self._done = True
+        if self._writer is not None:
+            self._writer.cancel()
+        if not self._open:
+            return
+        try:
+            await self.close_routes()
+            for group in self._joined:
+                await self.channel_layer.group_discard(group, self.channel_name)
+        except Exception as e:
+            # Memberships expire on their own (channels-redis group_expiry).
+            logger.warning("Leaving real-time groups failed: %s", e)
+        finally:
+            await realtime.hub().leave(self)
+
+    async def close_with(self, code: int, reason: str) -> None:
+        if self._done:
+            return
+        await self.teardown()
+        try:
+            await self.close(code=code, reason=close_reason(reason))
+        except Exception as e:
+            logger.debug("Closing a websocket that is already gone: %s", e)
+
+    async def join_group(self, group: str) -> None:
+        await self.channel_layer.group_add(group, self.channel_name)
+        self._joined.append(group)
+
+    async def refresh_groups(self) -> None:
+        for group in self._joined:
+            await self.channel_layer.group_add(group, self.channel_name)
+
+    # Channel-layer events ---------------------------------------------------------
+
+    async def token_revoked(self, event):
+        await self.close_with(CLOSE_UNAUTHENTICATED, TOKEN_REVOKED)
+
+    def revoke(self) -> None:
+        """The Hub found the token revoked or deleted (its periodic re-check)."""
+        # Kept referenced: the event loop holds only weak references to tasks.
+        self._closing = asyncio.ensure_future(self.close_with(CLOSE_UNAUTHENTICATED, TOKEN_REVOKED))
+
+    # Outbound ---------------------------------------------------------------------
+
+    def push(self, agent_id: str, frame: str) -> None:
+        if self._latest is not None:
+            self._latest[agent_id] = frame
+            return
+        if len(self._updates) == self._updates.maxlen:
+            self._dropped += 1
+        self._updates.append(frame)
+        self._wake.set()
+
+    def reply(self, content: dict, request: dict | None = None) -> None:
+        if request is not None and "id" in request:
+            content["id"] = request["id"]
+        self._control.append(dumps(content))
+        self._wake.set()
+
+    def error(self, message: str, code: int = CLOSE_BAD_REQUEST, request=None) -> None:
+        self.reply({"type": "error", "code": code, "message": message}, request)
+
+    def _next_update(self) -> str:
+        if self._dropped:
+            dropped, self._dropped = self._dropped, 0
+            return dumps({"type": "overflow", "dropped": dropped})
+        return self._updates.popleft()
+
+    async def _write(self) -> None:
+        send = self.base_send
+        loop = asyncio.get_running_loop()
+        deadline = None if self.conflate is None else loop.time() + self.conflate
+        try:
+            while True:
+                if deadline is None:
+                    await self._wake.wait()
+                else:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            await self._wake.wait()
+                    except TimeoutError:
+                        pass
+                self._wake.clear()
+                sent = 0
+                while self._control or (deadline is None and self._updates):
+                    frame = self._control.popleft() if self._control else self._next_update()
+                    await send({"type": "websocket.send", "text": frame})
+                    sent += 1
+                    if sent % FRAMES_PER_TURN == 0:
+                        await asyncio.sleep(0)
+                if deadline is not None and loop.time() >= deadline:
+                    deadline = loop.time() + self.conflate
+                    if self._latest:
+                        frames, self._latest = list(self._latest.values()), {}
+                        text = '{"type":"conflated","messages":[' + ",".join(frames) + "]}"
+                        await send({"type": "websocket.send", "text": text})
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            # The client went away mid-send; websocket_disconnect follows.
+            logger.debug("Websocket writer stopped: %s", e)
+
+    # Inbound ----------------------------------------------------------------------
+
+    async def receive(self, text_data=None, bytes_data=None):
+        if text_data is None:
+            return self.error(BINARY_FRAME)
+        try:
+            content = json.loads(text_data)
+        except ValueError:
+            return self.error(MALFORMED_JSON)
+        if not isinstance(content, dict):
+            return self.error(NOT_AN_OBJECT)
+        action = content.get("action")
+        if action not in self.actions:
+            return self.error(
+                UNKNOWN_ACTION.format(action=action, allowed=", ".join(self.actions)),
+                request=content,
+            )
+        try:
+            await getattr(self, f"action_{action}")(content)
+        except ValidationError as e:
+            self.error(e.messages[0], code=e.code or CLOSE_BAD_REQUEST, request=content)
+
+    async def action_ping(self, content):
+        self.reply({"type": "pong", "timestamp": time.time()}, content)
+
+
+class AgentConsumer(RealtimeConsumer):
+    """/ws/agents/ streams every agent of the tenant; /ws/agents/<agent_id>/ one agent.
+    Either can subscribe and unsubscribe in band. Query: include_beliefs=1, conflate=<ms>."""
+
+    actions = ("ping", "subscribe", "unsubscribe")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.routes: realtime.Routes | None = None
+        self.tenant_id: str = ""
+        self.all = False
+        self.all_beliefs = False
+        self.agents: dict[str, bool] = {}
+
+    def wants_beliefs(self, agent_id: str) -> bool:
+        return self.all_beliefs or self.agents.get(agent_id, False)
+
+    async def open(self) -> None:
+        try:
+            beliefs = parse_flag(query_param(self.scope, "include_beliefs"), "include_beliefs")
+            self.conflate = parse_conflate(query_param(self.scope, "conflate"))
+        except ValidationError as e:
+            raise Refusal(CLOSE_BAD_REQUEST, e.messages[0]) from None
+        if beliefs and not self.principal.can_read_beliefs:
+            raise Refusal(CLOSE_FORBIDDEN, BELIEFS_FORBIDDEN)
+        if self.conflate is not None:
+            self._latest = {}
+        path_id = self.scope["url_route"]["kwargs"].get("agent_id")
+        agent_id = None
+        if path_id is not None:
+            agent_id = await self._path_agent(path_id)
+        self.tenant_id = str(self.principal.tenant_id)
+        self.routes = await realtime.hub().watch(self.tenant_id, self)
+        if agent_id is None:
+            self._watch_all(beliefs)
+        else:
+            self._watch_agents([agent_id], beliefs)
+
+    async def _path_agent(self, path_id: str) -> str:
+        try:
+            agent_id = uuid.UUID(path_id)
+        except ValueError:
+            raise Refusal(CLOSE_NOT_FOUND, AGENT_NOT_FOUND.format(agent_id=path_id)) from None
+        owners = await database_sync_to_async(realtime.agent_tenants)([agent_id])
+        if agent_id not in owners:
+            raise Refusal(CLOSE_NOT_FOUND, AGENT_NOT_FOUND.format(agent_id=agent_id))
+        if owners[agent_id] != self.principal.tenant_id:
+            raise Refusal(CLOSE_FORBIDDEN, AGENT_FORBIDDEN.format(agent_id=agent_id))
+        return str(agent_id)
+
+    def _watch_all(self, beliefs: bool) -> None:
+        self.all, self.all_beliefs = True, beliefs
+        self.routes.stream.add(self)
+
+    def _watch_agents(self, agent_ids: list[str], beliefs: bool) -> None:
+        for agent_id in agent_ids:
+            self.agents[agent_id] = beliefs
+            self.routes.add_agent(agent_id, self)
+
+    async def close_routes(self) -> None:
+        if self.routes is None:
+            return
+        for agent_id in self.agents:
+            self.routes.discard_agent(agent_id, self)
+        await realtime.hub().unwatch(self.tenant_id, self)
+        self.routes = None
+
+    async def action_subscribe(self, content):
+        ids = parse_agent_ids(content.get("agent_ids"))
+        everything = parse_flag(content.get("all", False), "all")
+        beliefs = parse_flag(content.get("include_beliefs", False), "include_beliefs")
+        if not ids and not everything:
+            raise ValidationError(NOTHING_TO_DO, code=CLOSE_BAD_REQUEST)
+        if beliefs and not self.principal.can_read_beliefs:
+            raise ValidationError(BELIEFS_FORBIDDEN, code=CLOSE_FORBIDDEN)
+        limit = settings.WS_MAX_SUBSCRIPTIONS
+        if len(self.agents.keys() | {str(i) for i in ids}) > limit:
+            raise ValidationError(
+                TOO_MANY_SUBSCRIPTIONS.format(limit=limit), code=CLOSE_BAD_REQUEST
+            )
+        if ids:
+            owners = await database_sync_to_async(realtime.agent_tenants)(ids)
+            check_ownership(ids, owners, self.principal.tenant_id)
+        if self.routes is None:
+            return
+        agent_ids = [str(i) for i in ids]
+        # The reply is queued before the routes change, so it precedes the first update.
+        self.reply(
+            {
+                "type": "subscribed",
+                "agent_ids": agent_ids,
+                "all": everything,
+                "include_beliefs": beliefs,
+            },
+            content,
+        )
+        if everything:
+            self._watch_all(beliefs)
+        self._watch_agents(agent_ids, beliefs)
+
+    async def action_unsubscribe(self, content):
+        ids = [str(i) for i in parse_agent_ids(content.get("agent_ids"))]
+        everything = parse_flag(content.get("all", False), "all")
+        if not ids and not everything:
+            raise ValidationError(NOTHING_TO_DO, code=CLOSE_BAD_REQUEST)
+        if self.routes is None:
+            return
+        if everything:
+            self.all = self.all_beliefs = False
+            self.routes.stream.discard(self)
+        for agent_id in ids:
+            if self.agents.pop(agent_id, None) is not None:
+                self.routes.discard_agent(agent_id, self)
+        self.reply({"type": "unsubscribed", "agent_ids": ids, "all": everything}, content)
+
+
+class UnknownPathConsumer(AsyncWebsocketConsumer):
+    """Any other /ws/ path: accept, then close with 4404, as for an unknown id."""
+
+    async def connect(self):
+        await self.accept()
+        reason = close_reason(UNKNOWN_PATH.format(path=self.scope["path"]))
+        await self.close(code=CLOSE_NOT_FOUND, reason=reason)

@@ -1,0 +1,14 @@
+"""Websocket routes (README "Real-time updates"); freeagentics.asgi mounts them."""
+
+from django.urls import path, re_path
+
+from agents.consumers import AgentConsumer, UnknownPathConsumer
+from coalitions.consumers import CoalitionConsumer
+
+websocket_urlpatterns = [
+    path("ws/agents/", AgentConsumer.as_asgi()),
+    # str, not uuid: a malformed id must get close code 4404, not a routing error.
+    path("ws/agents/<str:agent_id>/", AgentConsumer.as_asgi()),
+    path("ws/coalitions/<str:coalition_id>/", CoalitionConsumer.as_asgi()),
+    re_path(r"", UnknownPathConsumer.as_asgi()),
+]

@@ -1,0 +1,176 @@
+"""Who is on a websocket, and which tenant they see: an admin session or an API token.
+
+RealtimeAuthMiddleware stores a Principal in scope["realtime"]. Refusing is left to the
+consumer, because a close code only reaches the client on an accepted socket: the
+consumer accepts, then closes with Principal.refusal (README "Real-time updates").
+
+Credentials, first found wins: `Authorization: Bearer <token>`; the subprotocol
+`bearer.<token>` offered next to `freeagentics.v1` (browsers cannot set headers); the
+`token` query parameter (WS_TOKEN_QUERY_PARAM; it ends up in access logs); else the
+Django session cookie.
+"""
+
+import uuid
+from dataclasses import dataclass
+from urllib.parse import parse_qs
+
+from channels.auth import AuthMiddlewareStack
+from channels.db import database_sync_to_async
+from channels.middleware import BaseMiddleware
+from channels.security.websocket import OriginValidator
+from django.conf import settings
+from django.core.exceptions import ValidationError
+
+from agents.api_tokens import api_token_authenticate
+from agents.models import OperatorMembership, Tenant
+from agents.realtime import (
+    CLOSE_BAD_REQUEST,
+    CLOSE_FORBIDDEN,
+    CLOSE_NOT_FOUND,
+    CLOSE_UNAUTHENTICATED,
+)
+
+SUBPROTOCOL = "freeagentics.v1"
+TOKEN_SUBPROTOCOL_PREFIX = "bearer."
+
+NO_CREDENTIALS = "Log in to the admin, or present an API token."
+TOKEN_REJECTED = "Unknown or revoked API token."
+NOT_STAFF = "Only staff users may stream with a session; use an API token."
+TENANT_REQUIRED = "A superuser chooses the tenant with ?tenant=<slug>."
+TENANT_UNKNOWN = "No tenant with slug {slug!r}."
+NO_MEMBERSHIP = "This staff user belongs to no tenant (OperatorMembership)."
+OTHER_TENANT = "This credential may not watch tenant {slug!r}."
+
+# Session users other than superusers need this permission for full beliefs.
+BELIEFS_PERMISSION = "agents.view_agent"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The outcome of authentication: a tenant to stream, or a refusal (close code)."""
+
+    tenant_id: uuid.UUID | None = None
+    tenant_slug: str = ""
+    token_id: uuid.UUID | None = None
+    user_id: int | None = None
+    can_read_beliefs: bool = False
+    refusal: int | None = None
+    reason: str = ""
+
+
+def _refuse(code: int, reason: str) -> Principal:
+    return Principal(refusal=code, reason=reason)
+
+
+def query_param(scope, name: str) -> str | None:
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(name)
+    return values[0] if values else None
+
+
+def presented_token(scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, credential = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and credential.strip():
+                return credential.strip()
+    for protocol in scope.get("subprotocols") or []:
+        if protocol.startswith(TOKEN_SUBPROTOCOL_PREFIX):
+            return protocol[len(TOKEN_SUBPROTOCOL_PREFIX) :]
+    if settings.WS_TOKEN_QUERY_PARAM:
+        return query_param(scope, "token")
+    return None
+
+
+def _token_principal(raw: str, tenant_slug: str | None) -> Principal:
+    try:
+        token = api_token_authenticate(raw)
+    except ValidationError:
+        return _refuse(CLOSE_UNAUTHENTICATED, TOKEN_REJECTED)
+    if tenant_slug and tenant_slug != token.tenant.slug:
+        return _refuse(CLOSE_FORBIDDEN, OTHER_TENANT.format(slug=tenant_slug))
+    return Principal(
+        tenant_id=token.tenant_id,
+        tenant_slug=token.tenant.slug,
+        token_id=token.pk,
+        can_read_beliefs=token.can_read_beliefs,
+    )
+
+
+def _session_principal(user, tenant_slug: str | None) -> Principal:
+    if user is None or not user.is_authenticated:
+        return _refuse(CLOSE_UNAUTHENTICATED, NO_CREDENTIALS)
+    if not (user.is_active and user.is_staff):
+        return _refuse(CLOSE_FORBIDDEN, NOT_STAFF)
+    if user.is_superuser:
+        if not tenant_slug:
+            return _refuse(CLOSE_BAD_REQUEST, TENANT_REQUIRED)
+        tenant = Tenant.objects.filter(slug=tenant_slug).first()
+        if tenant is None:
+            return _refuse(CLOSE_NOT_FOUND, TENANT_UNKNOWN.format(slug=tenant_slug))
+        return Principal(
+            tenant_id=tenant.id, tenant_slug=tenant.slug, user_id=user.pk, can_read_beliefs=True
+        )
+    membership = OperatorMembership.objects.select_related("tenant").filter(user=user).first()
+    if membership is None:
+        return _refuse(CLOSE_FORBIDDEN, NO_MEMBERSHIP)
+    if tenant_slug and tenant_slug != membership.tenant.slug:
+        return _refuse(CLOSE_FORBIDDEN, OTHER_TENANT.format(slug=tenant_slug))
+    return Principal(
+        tenant_id=membership.tenant_id,
+        tenant_slug=membership.tenant.slug,
+        user_id=user.pk,
+        can_read_beliefs=user.has_perm(BELIEFS_PERMISSION),
+    )
+
+
+@database_sync_to_async
+def _resolve(scope) -> Principal:
+    tenant_slug = query_param(scope, "tenant")
+    raw = presented_token(scope)
+    if raw is not None:
+        # An explicit credential that fails is a refusal, never a fallback to the session.
+        return _token_principal(raw, tenant_slug)
+    return _session_principal(scope.get("user"), tenant_slug)
+
+
+class RealtimeAuthMiddleware(BaseMiddleware):
+    async def __call__(self, scope, receive, send):
+        scope = dict(scope)
+        scope["realtime"] = await _resolve(scope)
+        return await super().__call__(scope, receive, send)
+
+
+def RealtimeAuthStack(inner):
+    """Session and auth middleware (for scope["user"]), then token or session resolution."""
+    return AuthMiddlewareStack(RealtimeAuthMiddleware(inner))
+
+
+def allowed_origins() -> list[str]:
+    if settings.WS_ALLOWED_ORIGINS:
+        return settings.WS_ALLOWED_ORIGINS
+    hosts = settings.ALLOWED_HOSTS
+    if settings.DEBUG and not hosts:
+        return ["localhost", "127.0.0.1", "[::1]"]
+    return hosts
+
+
+class RealtimeOriginValidator(OriginValidator):
+    """Refuses the handshake (HTTP 403) when a browser's Origin is not allowed
+    (WS_ALLOWED_ORIGINS, default ALLOWED_HOSTS). A handshake without Origin passes:
+    cross-site websocket hijacking needs a browser, browsers always send Origin, and
+    non-browser token clients often send none."""
+
+    def __init__(self, application):
+        super().__init__(application, allowed_origins=[])
+
+    def valid_origin(self, parsed_origin) -> bool:
+        if parsed_origin is None:
+            return True
+        return self.validate_origin(parsed_origin)
+
+    def validate_origin(self, parsed_origin) -> bool:
+        # Read per handshake, so settings overrides apply without rebuilding the app.
+        return any(
+            pattern == "*" or self.match_allowed_origin(parsed_origin, pattern)
+            for pattern in allowed_origins()
+        )

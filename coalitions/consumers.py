@@ -1,0 +1,32 @@
+"""Websocket endpoint for one coalition's events: /ws/coalitions/<coalition_id>/."""
+
+import uuid
+
+from channels.db import database_sync_to_async
+
+from agents.consumers import COALITION_FORBIDDEN, COALITION_NOT_FOUND, RealtimeConsumer, Refusal
+from agents.realtime import CLOSE_FORBIDDEN, CLOSE_NOT_FOUND
+from coalitions.realtime import coalition_group, coalition_tenant
+
+
+class CoalitionConsumer(RealtimeConsumer):
+    """Member joined, member left and status changed events of one coalition of the
+    connection's tenant. Actions: ping."""
+
+    async def open(self) -> None:
+        path_id = self.scope["url_route"]["kwargs"]["coalition_id"]
+        try:
+            coalition_id = uuid.UUID(path_id)
+        except ValueError:
+            raise Refusal(
+                CLOSE_NOT_FOUND, COALITION_NOT_FOUND.format(coalition_id=path_id)
+            ) from None
+        tenant_id = await database_sync_to_async(coalition_tenant)(coalition_id)
+        if tenant_id is None:
+            raise Refusal(CLOSE_NOT_FOUND, COALITION_NOT_FOUND.format(coalition_id=coalition_id))
+        if tenant_id != self.principal.tenant_id:
+            raise Refusal(CLOSE_FORBIDDEN, COALITION_FORBIDDEN.format(coalition_id=coalition_id))
+        await self.join_group(coalition_group(coalition_id))
+
+    async def realtime_frame(self, event):
+        self.push("", event["frame"])

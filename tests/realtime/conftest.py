@@ -1,0 +1,130 @@
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from channels.layers import channel_layers
+from django.conf import settings
+
+from agents.api_tokens import api_token_create
+
+ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT = 30
+STOP_TIMEOUT = 10
+
+
+@pytest.fixture
+def anyio_backend():
+    """Async tests run on asyncio, the loop uvicorn and Channels use."""
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_channel_layer():
+    """Each test gets a new channel layer, so no receive state leaks from a finished loop."""
+    channel_layers.backends = {}
+    yield
+    channel_layers.backends = {}
+
+
+@pytest.fixture
+def token(tenant):
+    """(ApiToken, plaintext) of the first tenant, without belief access."""
+    return api_token_create(tenant=tenant, name="dashboard")
+
+
+@pytest.fixture
+def beliefs_token(tenant):
+    """(ApiToken, plaintext) of the first tenant, allowed to read full beliefs."""
+    return api_token_create(tenant=tenant, name="analysis", can_read_beliefs=True)
+
+
+@pytest.fixture
+def other_token(other_tenant):
+    """(ApiToken, plaintext) of the second tenant."""
+    return api_token_create(tenant=other_tenant, name="other")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server_env(extra: dict) -> dict:
+    db = settings.DATABASES["default"]
+    credentials = quote(db["USER"]) + (f":{quote(db['PASSWORD'])}" if db["PASSWORD"] else "")
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        # The test database pytest-django made; transactional tests commit into it.
+        "DATABASE_URL": f"postgres://{credentials}@{db['HOST']}:{db['PORT'] or 5432}/{db['NAME']}",
+        "REDIS_URL": settings.REDIS_URL,
+        "CHANNEL_PREFIX": settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"],
+        "CACHE_KEY_PREFIX": os.environ.get("CACHE_KEY_PREFIX", "test"),
+        **extra,
+    }
+
+
+@contextlib.contextmanager
+def running_uvicorn(log_path: Path, **env):
+    """uvicorn serving freeagentics.asgi on a free loopback port; yields ws://host:port."""
+    port = _free_port()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "freeagentics.asgi:application",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env=_server_env(env),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"uvicorn exited: {log_path.read_text()[-2000:]}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start: {log_path.read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield f"ws://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def asgi_server(django_db_setup, django_db_blocker, tmp_path_factory):
+    """A real uvicorn process serving the project on loopback, pointed at the test database."""
+    with running_uvicorn(tmp_path_factory.mktemp("uvicorn") / "server.log") as url:
+        yield url
+
+
+@pytest.fixture
+def small_queue_server(django_db_setup, tmp_path):
+    """A real uvicorn process whose connections queue at most 4 update frames."""
+    with running_uvicorn(tmp_path / "server.log", WS_QUEUE_SIZE="4") as url:
+        yield url
