@@ -14,6 +14,7 @@ InfluxDB refuses (401/403/404) and bad settings raise ImproperlyConfigured namin
 variable to fix.
 """
 
+import atexit
 import json
 import threading
 from dataclasses import dataclass
@@ -126,7 +127,7 @@ def _lib() -> SimpleNamespace:
 
 
 _clients: dict[Config, tuple] = {}
-_clients_lock = threading.Lock()
+_clients_lock = threading.RLock()
 _MAX_CLIENTS = 8
 
 
@@ -153,11 +154,20 @@ def _client(config: Config):
                 pair = (client, client.write_api(write_options=_lib().SYNCHRONOUS))
                 if len(_clients) >= _MAX_CLIENTS:
                     # Settings rarely change outside tests; keep the pool count bounded.
-                    for old, _ in _clients.values():
-                        old.close()
-                    _clients.clear()
+                    close_clients()
                 _clients[config] = pair
     return pair
+
+
+@atexit.register
+def close_clients() -> None:
+    """Close every client. Registered at exit because influxdb-client's __del__ fails
+    noisily when it first runs during interpreter shutdown."""
+    with _clients_lock:
+        pairs = list(_clients.values())
+        _clients.clear()
+    for client, _ in pairs:
+        client.close()
 
 
 def write_lines(body: bytes, *, config: Config | None = None) -> None:
