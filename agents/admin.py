@@ -1,20 +1,135 @@
-from django.contrib import admin
-from django.utils.html import format_html_join
+"""Back office for tenants, agents, API tokens and operator memberships.
 
+Thin by design: every write calls agents.services, reads use agents.selectors where one
+exists, and agents.admin_scoping keeps each operator inside their own tenant.
+"""
+
+import datetime
+from collections import defaultdict
+
+from django.contrib import admin, messages
+from django.contrib.admin.utils import flatten_fieldsets, unquote
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import transaction
+from django.db.models import Count
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+
+from agents.admin_scoping import (
+    TenantScopedAdminMixin,
+    csv_response,
+    is_unscoped,
+    service_errors_as_form_errors,
+)
+from agents.api_tokens import api_token_create, api_token_revoke
 from agents.beliefs import belief_summary
-from agents.models import Agent, Tenant
+from agents.models import Agent, AgentStatus, ApiToken, OperatorMembership, Tenant
+from agents.selectors import agent_history, agents_near
+from agents.services import (
+    AgentSpec,
+    agent_create,
+    agent_delete,
+    agent_update_state,
+    agents_update_states,
+)
+from agents.svg import hex_map_svg, neighbourhood_svg
+from agents.types import AgentStateUpdate
+from metrics.charts import agent_metrics_chart
+
+NEIGHBOURHOOD_RADIUS = 3
+HISTORY_ROWS = 10
+METRICS_HOURS = 24
+# The fields agent_update_state can change; name and type are fixed at creation.
+_UPDATABLE = ("status", "energy_level", "location_h3", "personality_traits")
+
+
+def _timestamp(value) -> str:
+    return "" if value is None else timezone.localtime(value).isoformat(timespec="seconds")
 
 
 @admin.register(Tenant)
-class TenantAdmin(admin.ModelAdmin):
-    list_display = ["name", "slug", "created_at"]
+class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
+    tenant_path = "pk"
+    list_display = ["name", "slug", "created_at", "overview_link"]
     search_fields = ["name", "slug"]
     prepopulated_fields = {"slug": ["name"]}
-    readonly_fields = ["created_at"]
+    readonly_fields = ["created_at", "overview_link"]
+
+    def get_urls(self):
+        # Before the default patterns: their "<path:object_id>/" would swallow this one.
+        return [
+            path(
+                "<path:object_id>/overview/",
+                self.admin_site.admin_view(self.overview_view),
+                name="agents_tenant_overview",
+            ),
+            *super().get_urls(),
+        ]
+
+    @admin.display(description="Overview")
+    def overview_link(self, obj):
+        if obj.pk is None:
+            return "—"
+        url = reverse("admin:agents_tenant_overview", args=[obj.pk])
+        return format_html('<a href="{}" class="tenant-overview-link">Overview</a>', url)
+
+    def overview_view(self, request, object_id):
+        tenant = self.get_object(request, unquote(object_id))
+        if not self.has_view_permission(request, tenant):
+            raise PermissionDenied
+        overview = _tenant_overview(tenant)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"{tenant}: overview",
+            "subtitle": None,
+            "opts": self.opts,
+            "original": tenant,
+            "tenant": tenant,
+            "has_view_permission": True,
+            "density_svg": hex_map_svg(
+                counts=overview["cells"],
+                svg_id="tenant-density",
+                title=f"Agents per H3 cell in {tenant}",
+            ),
+            **overview,
+        }
+        return TemplateResponse(request, "admin/agents/tenant/overview.html", context)
+
+
+def _tenant_overview(tenant: Tenant) -> dict:
+    """Counts for the overview page; four grouped queries, however many agents."""
+    from coalitions.models import Coalition
+
+    agents = Agent.objects.filter(tenant=tenant)
+    cells = dict(
+        agents.exclude(location_h3=None)
+        .values_list("location_h3")
+        .annotate(n=Count("pk"))
+        .values_list("location_h3", "n")
+    )
+    by_status = dict(agents.values_list("status").annotate(n=Count("pk")).order_by("status"))
+    by_type = dict(agents.values_list("agent_type").annotate(n=Count("pk")).order_by("agent_type"))
+    coalitions = dict(
+        Coalition.objects.filter(tenant=tenant)
+        .values_list("status")
+        .annotate(n=Count("pk"))
+        .order_by("status")
+    )
+    return {
+        "cells": cells,
+        "agent_count": sum(by_status.values()),
+        "located_count": sum(cells.values()),
+        "cell_count": len(cells),
+        "agents_by_status": sorted(by_status.items()),
+        "agents_by_type": sorted(by_type.items()),
+        "coalitions_by_status": sorted(coalitions.items()),
+    }
 
 
 @admin.register(Agent)
-class AgentAdmin(admin.ModelAdmin):
+class AgentAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     list_display = [
         "name",
         "agent_type",
@@ -28,21 +143,63 @@ class AgentAdmin(admin.ModelAdmin):
     search_fields = ["name", "agent_type", "location_h3", "=id"]
     list_select_related = ["tenant"]
     date_hierarchy = "last_active_at"
-    readonly_fields = ["id", "belief_state_summary", "created_at", "updated_at"]
-    fields = [
+    actions = ["suspend_agents", "activate_agents", "export_csv"]
+    add_fieldsets = [
+        (
+            None,
+            {
+                "fields": [
+                    "tenant",
+                    "name",
+                    "agent_type",
+                    "status",
+                    "energy_level",
+                    "location_h3",
+                    "personality_traits",
+                ]
+            },
+        )
+    ]
+    fieldsets = [
+        (
+            None,
+            {
+                "fields": [
+                    "id",
+                    "tenant",
+                    "name",
+                    "agent_type",
+                    "status",
+                    "energy_level",
+                    "location_h3",
+                    "personality_traits",
+                    "last_active_at",
+                    "created_at",
+                    "updated_at",
+                ]
+            },
+        ),
+        ("Beliefs", {"fields": ["belief_state_summary"]}),
+        ("Neighbourhood", {"fields": ["neighbourhood_map"]}),
+        ("Metrics", {"fields": ["metrics_chart"]}),
+        ("Latest states", {"fields": ["latest_history"]}),
+    ]
+    change_readonly_fields = [
         "id",
         "tenant",
         "name",
         "agent_type",
-        "status",
-        "energy_level",
-        "location_h3",
-        "personality_traits",
-        "belief_state_summary",
         "last_active_at",
         "created_at",
         "updated_at",
+        "belief_state_summary",
+        "neighbourhood_map",
+        "metrics_chart",
+        "latest_history",
     ]
+
+    def get_readonly_fields(self, request, obj=None):
+        return self.change_readonly_fields if obj is not None else []
 
     def get_queryset(self, request):
         qs = super().get_queryset(request)
@@ -50,6 +207,116 @@ class AgentAdmin(admin.ModelAdmin):
         if request.resolver_match and request.resolver_match.url_name.endswith("changelist"):
             qs = qs.defer("belief_state")
         return qs
+
+    # Writes --------------------------------------------------------------------------
+
+    def save_model(self, request, obj, form, change):
+        data = form.cleaned_data
+        with service_errors_as_form_errors():
+            if change:
+                changes = {name: data[name] for name in form.changed_data if name in _UPDATABLE}
+                if changes:
+                    agent_update_state(
+                        tenant=obj.tenant, update=AgentStateUpdate(agent_id=obj.pk, **changes)
+                    )
+                return
+            state = agent_create(
+                tenant=self.tenant_for_new(request, form),
+                spec=AgentSpec(
+                    name=data["name"],
+                    agent_type=data["agent_type"],
+                    energy_level=data["energy_level"],
+                    location_h3=data["location_h3"] or None,
+                    status=data["status"],
+                    personality_traits=data["personality_traits"],
+                ),
+            )
+        # The redirect and the log entry that follow need the new row's id.
+        obj.pk, obj.tenant_id = state.id, state.tenant_id
+        obj._state.adding = False
+
+    def delete_model(self, request, obj):
+        with service_errors_as_form_errors():
+            agent_delete(tenant=obj.tenant, agent_id=obj.pk)
+
+    def delete_queryset(self, request, queryset):
+        try:
+            with transaction.atomic():
+                for agent in queryset.select_related("tenant").only("pk", "tenant"):
+                    agent_delete(tenant=agent.tenant, agent_id=agent.pk)
+        except ValidationError as e:
+            self.report_service_error(request, e)
+
+    # Actions -------------------------------------------------------------------------
+
+    @admin.action(description="Suspend selected agents", permissions=["change"])
+    def suspend_agents(self, request, queryset):
+        self._set_status(request, queryset, AgentStatus.SUSPENDED, "suspended")
+
+    @admin.action(description="Activate selected agents", permissions=["change"])
+    def activate_agents(self, request, queryset):
+        self._set_status(request, queryset, AgentStatus.ACTIVE, "activated")
+
+    def _set_status(self, request, queryset, status: str, verb: str) -> None:
+        ids_by_tenant = defaultdict(list)
+        for agent_id, tenant_id in queryset.exclude(status=status).values_list("pk", "tenant_id"):
+            ids_by_tenant[tenant_id].append(agent_id)
+        tenants = Tenant.objects.in_bulk(list(ids_by_tenant))
+        try:
+            # One service call per tenant (an operator's selection is one tenant), and
+            # all of them or none.
+            with transaction.atomic():
+                for tenant_id, ids in ids_by_tenant.items():
+                    agents_update_states(
+                        tenant=tenants[tenant_id],
+                        updates=[AgentStateUpdate(agent_id=i, status=status) for i in ids],
+                    )
+        except ValidationError as e:
+            self.report_service_error(request, e)
+            return
+        changed = sum(map(len, ids_by_tenant.values()))
+        self.message_user(request, f"{changed} agent(s) {verb}.", messages.SUCCESS)
+
+    @admin.action(description="Export selected agents as CSV", permissions=["view"])
+    def export_csv(self, request, queryset):
+        header = [
+            "id",
+            "tenant",
+            "name",
+            "agent_type",
+            "status",
+            "energy_level",
+            "location_h3",
+            "last_active_at",
+            "created_at",
+            "updated_at",
+            "belief_size",
+            "belief_entropy",
+        ]
+
+        def rows():
+            # Beliefs are decrypted only to summarise; the ciphertext never leaves.
+            agents = queryset.defer(None).select_related("tenant").order_by("name", "pk")
+            for agent in agents.iterator(chunk_size=500):
+                summary = belief_summary(agent.belief_state)
+                yield [
+                    agent.pk,
+                    agent.tenant.slug,
+                    agent.name,
+                    agent.agent_type,
+                    agent.status,
+                    agent.energy_level,
+                    agent.location_h3,
+                    _timestamp(agent.last_active_at),
+                    _timestamp(agent.created_at),
+                    _timestamp(agent.updated_at),
+                    summary and summary["size"],
+                    summary and round(summary["entropy"], 6),
+                ]
+
+        return csv_response("agents.csv", header, rows())
+
+    # Change page -----------------------------------------------------------------------
 
     @admin.display(description="Belief state")
     def belief_state_summary(self, obj):
@@ -63,3 +330,180 @@ class AgentAdmin(admin.ModelAdmin):
             ("Max", f"{summary['max']:.4f}" if summary["max"] is not None else "—"),
         ]
         return format_html_join("", "<div><strong>{}</strong>: {}</div>", rows)
+
+    @admin.display(description="H3 neighbourhood")
+    def neighbourhood_map(self, obj):
+        if not obj.location_h3:
+            return "No location yet."
+        try:
+            nearby = agents_near(
+                tenant=obj.tenant, cell=obj.location_h3, radius=NEIGHBOURHOOD_RADIUS
+            )
+        except ValidationError as e:
+            return "; ".join(e.messages)
+        picture = neighbourhood_svg(agent=obj, nearby=nearby, radius=NEIGHBOURHOOD_RADIUS)
+        return format_html(
+            '<div class="agent-neighbourhood">{}<p class="help">Cells within {} rings of {}, '
+            "darker where more active agents are. Red: this agent; yellow: active agents "
+            "nearby ({} in all). Hover for names.</p></div>",
+            picture,
+            NEIGHBOURHOOD_RADIUS,
+            obj.location_h3,
+            sum(1 for a in nearby if a.id != obj.pk),
+        )
+
+    @admin.display(description=f"Metrics, last {METRICS_HOURS} hours")
+    def metrics_chart(self, obj):
+        # Never raises: without InfluxDB it returns a message saying why there is no chart.
+        return agent_metrics_chart(obj.pk, obj.tenant_id, hours=METRICS_HOURS)
+
+    @admin.display(description="Latest states")
+    def latest_history(self, obj):
+        rows = agent_history(
+            tenant=obj.tenant,
+            agent_id=obj.pk,
+            # No state can predate the agent; the upper bound allows for clock skew
+            # between this host and the database that stamps recorded_at.
+            since=obj.created_at,
+            until=timezone.now() + datetime.timedelta(days=1),
+            limit=HISTORY_ROWS,
+        )
+        if not rows:
+            return "No state updates recorded yet."
+        cells = []
+        for row in rows:
+            summary = belief_summary(row["beliefs"])
+            cells.append(
+                (
+                    _timestamp(row["recorded_at"]),
+                    "—" if row["energy_level"] is None else row["energy_level"],
+                    "—" if summary is None else f"{summary['entropy']:.4f}",
+                    "—" if summary is None else f"{summary['max']:.4f}",
+                )
+            )
+        return format_html(
+            '<table class="agent-history"><thead><tr><th>Recorded at</th><th>Energy</th>'
+            "<th>Belief entropy (nats)</th><th>Max belief</th></tr></thead>"
+            "<tbody>{}</tbody></table>",
+            format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", cells),
+        )
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
+    """Tokens are created through api_token_create, whose plaintext is shown on the
+    response page and nowhere else, and retired by revoking, never edited or deleted."""
+
+    list_display = [
+        "name",
+        "prefix",
+        "tenant",
+        "can_read_beliefs",
+        "active",
+        "created_by",
+        "created_at",
+        "last_used_at",
+        "revoked_at",
+    ]
+    list_filter = ["can_read_beliefs", ("revoked_at", admin.EmptyFieldListFilter), "tenant"]
+    search_fields = ["name", "prefix"]
+    list_select_related = ["tenant", "created_by"]
+    actions = ["revoke_tokens"]
+    add_fieldsets = [(None, {"fields": ["tenant", "name", "can_read_beliefs"]})]
+    fieldsets = [
+        (
+            None,
+            {
+                "fields": [
+                    "id",
+                    "tenant",
+                    "name",
+                    "prefix",
+                    "can_read_beliefs",
+                    "created_by",
+                    "created_at",
+                    "last_used_at",
+                    "revoked_at",
+                ]
+            },
+        )
+    ]
+
+    def get_readonly_fields(self, request, obj=None):
+        return flatten_fieldsets(self.fieldsets) if obj is not None else []
+
+    def has_delete_permission(self, request, obj=None):
+        # A revoked row keeps the record of who made the token and when it was used.
+        return False
+
+    @admin.display(description="Active", boolean=True)
+    def active(self, obj):
+        return obj.is_active
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            return  # every field of an existing token is read-only
+        with service_errors_as_form_errors():
+            token, plaintext = api_token_create(
+                tenant=self.tenant_for_new(request, form),
+                name=form.cleaned_data["name"],
+                created_by=request.user,
+                can_read_beliefs=form.cleaned_data["can_read_beliefs"],
+            )
+        for field in token._meta.concrete_fields:
+            setattr(obj, field.attname, getattr(token, field.attname))
+        obj._state.adding = False
+        # Lives only until response_add renders it: not in the session, a message
+        # cookie or the log entry.
+        obj._plaintext = plaintext
+
+    def response_add(self, request, obj, post_url_continue=None):
+        plaintext = getattr(obj, "_plaintext", None)
+        if plaintext is None:
+            return super().response_add(request, obj, post_url_continue)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "API token created",
+            "subtitle": None,
+            "opts": self.opts,
+            "token": obj,
+            "plaintext": plaintext,
+        }
+        response = TemplateResponse(request, "admin/agents/apitoken/created.html", context)
+        response["Cache-Control"] = "no-store"
+        return response
+
+    @admin.action(description="Revoke selected tokens", permissions=["change"])
+    def revoke_tokens(self, request, queryset):
+        revoked = 0
+        for token in queryset.filter(revoked_at__isnull=True):
+            api_token_revoke(token=token)
+            revoked += 1
+        self.message_user(request, f"{revoked} token(s) revoked.", messages.SUCCESS)
+
+
+@admin.register(OperatorMembership)
+class OperatorMembershipAdmin(admin.ModelAdmin):
+    """Superusers tie operators to tenants; operators never see memberships, so they
+    cannot move themselves (or anyone) to another tenant."""
+
+    list_display = ["user", "tenant", "created_at"]
+    list_select_related = ["user", "tenant"]
+    search_fields = ["user__username", "tenant__name", "tenant__slug"]
+    autocomplete_fields = ["user", "tenant"]
+    readonly_fields = ["created_at"]
+
+    def has_module_permission(self, request):
+        return is_unscoped(request.user)
+
+    def has_view_permission(self, request, obj=None):
+        return is_unscoped(request.user)
+
+    def has_add_permission(self, request):
+        return is_unscoped(request.user)
+
+    def has_change_permission(self, request, obj=None):
+        return is_unscoped(request.user)
+
+    def has_delete_permission(self, request, obj=None):
+        return is_unscoped(request.user)

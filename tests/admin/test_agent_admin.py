@@ -1,0 +1,258 @@
+import csv
+import io
+import re
+
+import h3
+import numpy as np
+import pytest
+from django.db import connection
+
+from agents import cache
+from agents.admin_scoping import OPERATOR_READ_ONLY
+from agents.models import Agent, AgentHistory
+from agents.services import agent_update_state
+from agents.types import AgentStateUpdate
+from agents.validators import CELL_INVALID
+from metrics import charts
+from tests import factories
+from tests.admin.conftest import logged_in, record_metrics
+
+pytestmark = pytest.mark.django_db
+
+URL = "/admin/agents/agent/"
+
+
+def _change_form(agent, **changes) -> dict:
+    form = {
+        "status": agent.status,
+        "energy_level": agent.energy_level,
+        "location_h3": agent.location_h3 or "",
+        "personality_traits": "null",
+    }
+    form.update(changes)
+    return form
+
+
+def _svg(body: str, svg_id: str) -> str:
+    match = re.search(rf'<svg[^>]*id="{svg_id}".*?</svg>', body, re.S)
+    assert match, f"no svg#{svg_id} on the page"
+    return match.group(0)
+
+
+def test_the_page_shows_beliefs_energy_status_and_location(editor_a, world_a):
+    agent = world_a.agent
+    body = editor_a.get(f"{URL}{agent.pk}/change/").content.decode()
+    assert "Entropy</strong>: 2.0794 nats" in body  # uniform over 8 states: ln 8
+    assert 'name="energy_level" value="100"' in body
+    assert '<option value="active" selected>' in body
+    assert f'value="{agent.location_h3}"' in body
+
+
+def test_the_neighbourhood_picture_marks_own_active_agents_only(editor_a, world_a, world_b):
+    agent = world_a.agent
+    ring = sorted(h3.grid_ring(agent.location_h3, 2))
+    near = factories.make_agent(world_a.tenant, name="near-one", location_h3=ring[0])
+    factories.make_agent(world_a.tenant, name="near-asleep", location_h3=ring[1], status="inactive")
+    far = h3.grid_ring(agent.location_h3, 5).pop()
+    factories.make_agent(world_a.tenant, name="far-away", location_h3=far)
+
+    svg = _svg(editor_a.get(f"{URL}{agent.pk}/change/").content.decode(), "agent-neighbourhood")
+
+    cells = re.findall(r'<polygon class="hex-cell[^"]*" data-cell="([0-9a-f]+)"', svg)
+    assert sorted(cells) == sorted(h3.grid_disk(agent.location_h3, 3))
+    assert re.search(rf'class="hex-cell hex-centre" data-cell="{agent.location_h3}"', svg)
+    assert 'id="agent-marker-self"' in svg
+    titles = re.findall(r'<circle[^>]*class="agent-marker[^"]*"[^>]*><title>([^<]*)</title>', svg)
+    assert sorted(titles) == ["alpha-agent (this agent, active)", "near-one (active)"]
+    # Density shading counts the same agents: the centre cell holds this agent only.
+    assert re.search(rf'data-cell="{near.location_h3}" data-count="1"', svg)
+    # Tenant B's agent sits in the very same cell and is neither drawn nor counted.
+    assert world_b.agent.location_h3 == agent.location_h3
+    assert re.search(rf'data-cell="{agent.location_h3}" data-count="1"', svg)
+    assert "bravo" not in svg
+
+
+def test_names_in_pictures_are_escaped(editor_a, world_a):
+    factories.make_agent(world_a.tenant, name="<script>alert(1)</script>")
+    body = editor_a.get(f"{URL}{world_a.agent.pk}/change/").content.decode()
+    assert "<script>alert(1)" not in body
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; (active)" in body
+
+
+def test_an_agent_without_a_location_says_so(editor_a, world_a):
+    agent = factories.make_agent(world_a.tenant, location_h3=None)
+    body = editor_a.get(f"{URL}{agent.pk}/change/").content.decode()
+    assert "No location yet." in body
+    assert 'id="agent-neighbourhood"' not in body
+
+
+def test_the_latest_states_come_from_history(editor_a, world_a):
+    agent = world_a.agent
+    for energy in (90, 80, 70):
+        agent_update_state(
+            tenant=world_a.tenant, update=AgentStateUpdate(agent_id=agent.pk, energy_level=energy)
+        )
+    body = editor_a.get(f"{URL}{agent.pk}/change/").content.decode()
+    table = re.search(r'<table class="agent-history">.*?</table>', body, re.S).group(0)
+    energies = re.findall(r"<tr><td>[^<]+</td><td>(\d+)</td>", table)
+    assert energies == ["70", "80", "90"]
+
+
+def test_saving_goes_through_the_service(editor_a, world_a, django_capture_on_commit_callbacks):
+    agent = world_a.agent
+    with django_capture_on_commit_callbacks(execute=True):
+        response = editor_a.post(
+            f"{URL}{agent.pk}/change/", _change_form(agent, energy_level=42, status="suspended")
+        )
+    assert response.status_code == 302
+    agent.refresh_from_db()
+    assert (agent.energy_level, agent.status) == (42, "suspended")
+    # Only agent_update_state writes history and refreshes the cache.
+    assert list(AgentHistory.objects.filter(agent_id=agent.pk).values_list("energy_level")) == [
+        (42,)
+    ]
+    state, _ = cache.unpack_agent(agent.pk, cache.agent_load(agent.pk), world_a.tenant.id)
+    assert (state.energy_level, state.status) == (42, "suspended")
+
+
+def test_an_unchanged_save_writes_no_history(editor_a, world_a):
+    agent = world_a.agent
+    assert editor_a.post(f"{URL}{agent.pk}/change/", _change_form(agent)).status_code == 302
+    assert not AgentHistory.objects.filter(agent_id=agent.pk).exists()
+
+
+def test_a_service_refusal_is_a_form_error_and_writes_nothing(editor_a, world_a):
+    agent = world_a.agent
+    response = editor_a.post(
+        f"{URL}{agent.pk}/change/", _change_form(agent, location_h3="zzz", energy_level=5)
+    )
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert errors["location_h3"] == [CELL_INVALID.format(field="location_h3", value="zzz")]
+    agent.refresh_from_db()
+    assert (agent.location_h3, agent.energy_level) == (factories.BERLIN_CELL, 100)
+    assert not AgentHistory.objects.filter(agent_id=agent.pk).exists()
+
+
+def test_name_and_type_are_fixed_after_creation(editor_a, world_a):
+    agent = world_a.agent
+    editor_a.post(f"{URL}{agent.pk}/change/", _change_form(agent, name="renamed"))
+    agent.refresh_from_db()
+    assert agent.name == "alpha-agent"
+
+
+def test_adding_an_agent_uses_the_operators_tenant(editor_a, world_a):
+    response = editor_a.post(
+        f"{URL}add/",
+        {
+            "name": "fresh",
+            "agent_type": "scout",
+            "status": "inactive",
+            "energy_level": 60,
+            "location_h3": factories.BERLIN_CELL,
+            "personality_traits": '{"openness": 0.5}',
+        },
+    )
+    assert response.status_code == 302
+    agent = Agent.objects.get(name="fresh")
+    assert response["Location"] == URL
+    assert (agent.tenant, agent.status, agent.energy_level) == (world_a.tenant, "inactive", 60)
+    assert agent.personality_traits == {"openness": 0.5}
+
+
+def test_deleting_goes_through_the_service(editor_a, world_a, django_capture_on_commit_callbacks):
+    agent = world_a.idle_agent
+    with django_capture_on_commit_callbacks(execute=True):
+        response = editor_a.post(f"{URL}{agent.pk}/delete/", {"post": "yes"})
+    assert response.status_code == 302
+    assert not Agent.objects.filter(pk=agent.pk).exists()
+    # agent_delete leaves a tombstone, so no reader can cache the deleted agent again.
+    tombstone = cache.agent_load(agent.pk)
+    assert tombstone is not None
+    assert cache.unpack_agent(agent.pk, tombstone, world_a.tenant.id) is None
+
+
+def test_bulk_suspend_and_activate_write_history_for_changed_agents_only(editor_a, world_a):
+    ids = [str(world_a.agent.pk), str(world_a.idle_agent.pk)]
+    response = editor_a.post(
+        URL, {"action": "suspend_agents", "_selected_action": ids}, follow=True
+    )
+    assert "2 agent(s) suspended." in response.content.decode()
+    editor_a.post(URL, {"action": "activate_agents", "_selected_action": ids[:1]})
+    assert dict(Agent.objects.values_list("name", "status")) == {
+        "alpha-agent": "active",
+        "alpha-idle": "suspended",
+    }
+    editor_a.post(URL, {"action": "activate_agents", "_selected_action": ids[:1]})
+    history = AgentHistory.objects.filter(agent_id=world_a.agent.pk).count()
+    assert history == 2  # suspended, then activated; the second activate changed nothing
+
+
+def test_read_only_operators_view_and_export_but_change_nothing(make_operator, world_a):
+    client = logged_in(make_operator(world_a.tenant, OPERATOR_READ_ONLY))
+    agent = world_a.agent
+    page = client.get(f"{URL}{agent.pk}/change/")
+    assert page.status_code == 200
+    assert 'name="energy_level"' not in page.content.decode()
+    assert (
+        client.post(f"{URL}{agent.pk}/change/", _change_form(agent, energy_level=1)).status_code
+        == 403
+    )
+    assert client.get(f"{URL}add/").status_code == 403
+    assert client.get(f"{URL}{agent.pk}/delete/").status_code == 403
+    actions = [
+        value for value, _ in client.get(URL).context["action_form"].fields["action"].choices
+    ]
+    assert actions == ["", "export_csv"]
+    client.post(URL, {"action": "suspend_agents", "_selected_action": [str(agent.pk)]})
+    agent.refresh_from_db()
+    assert (agent.energy_level, agent.status) == (100, "active")
+
+
+def test_csv_export_has_summaries_not_ciphertext(editor_a, world_a):
+    agent = world_a.agent
+    Agent.objects.filter(pk=agent.pk).update(name="=HYPERLINK(1)")
+    evil = Agent.objects.get(pk=agent.pk)
+    evil.belief_state = np.array([0.5, 0.5])
+    evil.save(update_fields=["belief_state"])
+    with connection.cursor() as c:
+        c.execute("SELECT belief_state FROM agents WHERE id = %s", [agent.pk])
+        token = bytes(c.fetchone()[0]).decode()
+
+    response = editor_a.post(URL, {"action": "export_csv", "_selected_action": [str(agent.pk)]})
+    assert response["Content-Type"] == "text/csv; charset=utf-8"
+    assert response["Content-Disposition"] == 'attachment; filename="agents.csv"'
+    body = b"".join(response.streaming_content).decode()
+    assert token[:20] not in body
+    [row] = list(csv.DictReader(io.StringIO(body)))
+    assert row["name"] == "'=HYPERLINK(1)"  # a spreadsheet shows it, never runs it
+    assert (row["belief_size"], row["belief_entropy"]) == ("2", "0.693147")
+    assert (row["tenant"], row["status"], row["energy_level"]) == (
+        world_a.tenant.slug,
+        "active",
+        "100",
+    )
+
+
+def test_without_influxdb_the_chart_area_says_metrics_are_not_configured(
+    editor_a, world_a, settings
+):
+    settings.INFLUXDB_URL = ""
+    body = editor_a.get(f"{URL}{world_a.agent.pk}/change/").content.decode()
+    assert (
+        f'<p class="metrics-chart-message metrics-chart-not-configured">{charts.NOT_CONFIGURED}'
+        in body
+    )
+
+
+def test_the_chart_draws_the_agents_own_metrics_from_influxdb(
+    editor_a, world_a, world_b, influx_metrics
+):
+    record_metrics(world_a.agent, hours=6)
+    record_metrics(world_b.agent, hours=2)
+    body = editor_a.get(f"{URL}{world_a.agent.pk}/change/").content.decode()
+    chart = re.search(r'<div class="metrics-chart">.*?</div>', body, re.S).group(0)
+    lines = re.findall(r'<polyline[^>]*points="([^"]+)"', chart)
+    # Free energy and belief entropy, one point per hour for this agent's six hours.
+    assert [len(points.split()) for points in lines] == [6, 6]
+    assert "6 of the last 24 hours have data" in chart

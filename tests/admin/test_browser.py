@@ -1,0 +1,150 @@
+"""The back office in a real browser: headless Debian Chromium driven by Playwright,
+against pytest-django's live server, with a real InfluxDB behind the metrics chart.
+
+Screenshots go to test-artifacts/ at the repository root (git-ignored).
+"""
+
+import contextlib
+import os
+from pathlib import Path
+
+import h3
+import pytest
+from django.conf import settings
+from playwright.sync_api import expect, sync_playwright
+
+from agents.admin_scoping import OPERATOR_EDITOR
+from tests import factories
+from tests.admin.conftest import PASSWORD, record_metrics
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(settings.BASE_DIR) / "test-artifacts"
+# Generous: two cores are shared with other test runs; a passing page takes far less.
+TIMEOUT_MS = 30_000
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def chromium(monkeypatch):
+    """Starts headless Chromium: `with chromium() as browser:`, after the test's data exists.
+
+    Playwright's sync API runs an event loop, and its greenlet sees its own Django
+    connection: data made inside the block would go through a connection nothing ever
+    returns to the pool. Django's async-safety check is off for this test only."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(
+            f"{CHROMIUM} is missing: the browser tests need Debian's 'chromium' package "
+            "(apt-get install chromium; scripts/test.sh installs it when run as root)."
+        )
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    ARTIFACTS.mkdir(exist_ok=True)
+
+    @contextlib.contextmanager
+    def launch():
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+            )
+            try:
+                yield browser
+            finally:
+                browser.close()
+
+    return launch
+
+
+def _log_in(browser, base_url: str, username: str):
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    page.goto(f"{base_url}/admin/login/?next=/admin/")
+    page.fill("#id_username", username)
+    page.fill("#id_password", PASSWORD)
+    page.click("input[type=submit]")
+    expect(page).to_have_url(f"{base_url}/admin/")
+    return page
+
+
+def test_an_operator_sees_the_hex_picture_and_the_metrics_chart(
+    live_server, make_operator, world_a, world_b, influx_metrics, chromium
+):
+    agent = world_a.agent
+    for i, cell in enumerate(sorted(h3.grid_ring(agent.location_h3, 1))[:3]):
+        factories.make_agent(world_a.tenant, name=f"neighbour-{i}", location_h3=cell)
+    record_metrics(agent, hours=6)
+    make_operator(world_a.tenant, OPERATOR_EDITOR, username="browser-a")
+    with chromium() as browser:
+        _check_agent_and_overview_pages(browser, live_server.url, world_a)
+
+
+def _check_agent_and_overview_pages(browser, base_url: str, world_a) -> None:
+    agent = world_a.agent
+    page = _log_in(browser, base_url, "browser-a")
+    page.goto(f"{base_url}/admin/agents/agent/{agent.pk}/change/")
+
+    picture = page.locator("svg#agent-neighbourhood")
+    expect(picture).to_be_visible()
+    expect(picture.locator("polygon.hex-cell")).to_have_count(37)
+    expect(picture.locator("circle.agent-nearby")).to_have_count(3)
+    expect(page.locator("#agent-marker-self")).to_be_visible()
+    box = picture.bounding_box()
+    assert box["width"] > 200 and box["height"] > 200
+    # The browser laid the hexagons out as real shapes, not zero-size elements.
+    areas = picture.locator("polygon.hex-cell").evaluate_all(
+        "cells => cells.map(c => { const b = c.getBBox(); return b.width * b.height; })"
+    )
+    assert len(areas) == 37 and min(areas) > 100
+
+    chart = page.locator(".metrics-chart")
+    expect(chart).to_be_visible()
+    lines = chart.locator("svg polyline")
+    expect(lines).to_have_count(2)
+    lengths = lines.evaluate_all("lines => lines.map(l => l.getTotalLength())")
+    assert min(lengths) > 50, lengths
+    expect(chart.locator("svg circle")).to_have_count(12)
+    expect(chart).to_contain_text("6 of the last 24 hours have data")
+
+    page.screenshot(path=ARTIFACTS / "admin-agent-page.png", full_page=True)
+    picture.screenshot(path=ARTIFACTS / "admin-agent-neighbourhood.png")
+    chart.screenshot(path=ARTIFACTS / "admin-agent-metrics-chart.png")
+
+    page.goto(f"{base_url}/admin/agents/tenant/{world_a.tenant.pk}/overview/")
+    density = page.locator("svg#tenant-density")
+    expect(density).to_be_visible()
+    expect(density.locator("polygon.hex-cell")).to_have_count(4)
+    page.screenshot(path=ARTIFACTS / "admin-tenant-overview.png", full_page=True)
+
+
+def test_two_operators_side_by_side_each_see_only_their_own_world(
+    live_server, make_operator, world_a, world_b, chromium
+):
+    make_operator(world_a.tenant, OPERATOR_EDITOR, username="side-a")
+    make_operator(world_b.tenant, OPERATOR_EDITOR, username="side-b")
+    base_url = live_server.url
+    with chromium() as browser:
+        # Separate browser contexts: separate cookie jars, as two people at two desks.
+        page_a = _log_in(browser, base_url, "side-a")
+        page_b = _log_in(browser, base_url, "side-b")
+        for page, mine, theirs, shot in (
+            (page_a, world_a, world_b, "a"),
+            (page_b, world_b, world_a, "b"),
+        ):
+            page.goto(f"{base_url}/admin/agents/agent/")
+            expect(page.locator("#result_list tbody tr")).to_have_count(2)
+            expect(page.locator("#result_list")).to_contain_text(mine.agent.name)
+            expect(page.locator("#result_list")).not_to_contain_text(theirs.agent.name)
+            page.screenshot(path=ARTIFACTS / f"admin-side-by-side-{shot}.png", full_page=True)
+
+            response = page.goto(f"{base_url}/admin/agents/agent/{theirs.agent.pk}/change/")
+            assert response.status == 404
+            response = page.goto(f"{base_url}/admin/agents/agent/{mine.agent.pk}/change/")
+            assert response.status == 200

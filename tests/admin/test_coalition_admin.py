@@ -1,0 +1,193 @@
+from decimal import Decimal
+
+import pytest
+
+from coalitions.models import Coalition, CoalitionMember
+from coalitions.selectors import is_coalition_member
+from coalitions.services import MONEY_INVALID, TRANSITION_NOT_ALLOWED
+from tests import factories
+
+pytestmark = pytest.mark.django_db
+
+URL = "/admin/coalitions/coalition/"
+
+
+def _inline(coalition, rows=(), new=(), delete=()) -> dict:
+    """POST data for the members inline: existing `rows`, `new` (agent, role, score)."""
+    data = {
+        "memberships-TOTAL_FORMS": len(rows) + len(new),
+        "memberships-INITIAL_FORMS": len(rows),
+    }
+    for i, member in enumerate(rows):
+        data[f"memberships-{i}-id"] = member.pk
+        data[f"memberships-{i}-coalition"] = coalition.pk
+        if member in delete:
+            data[f"memberships-{i}-DELETE"] = "on"
+    for j, (agent, role, score) in enumerate(new, start=len(rows)):
+        data[f"memberships-{j}-coalition"] = coalition.pk
+        data[f"memberships-{j}-agent"] = agent.pk
+        data[f"memberships-{j}-role"] = role
+        data[f"memberships-{j}-contribution_score"] = score
+    return data
+
+
+def test_the_page_shows_members_roles_scores_capital_and_revenue(editor_a, world_a):
+    coalition = world_a.coalition
+    Coalition.objects.filter(pk=coalition.pk).update(
+        initial_capital=Decimal("1000.00"),
+        current_capital=Decimal("1234.50"),
+        total_revenue=Decimal("777.25"),
+    )
+    CoalitionMember.objects.filter(coalition=coalition).update(contribution_score=Decimal("12.5"))
+    body = editor_a.get(f"{URL}{coalition.pk}/change/").content.decode()
+    for text in ("alpha-founder", "12.50", "1234.50", "777.25", "1000.00", "Capital and revenue"):
+        assert text in body
+    # Status is shown, never offered as a field: it changes through actions only.
+    assert 'name="status"' not in body
+
+
+def test_adding_and_removing_members_goes_through_the_services(
+    editor_a, world_a, django_capture_on_commit_callbacks
+):
+    coalition, newcomer = world_a.coalition, world_a.idle_agent
+    founder = coalition.memberships.get()
+    # Fill the Redis membership set, so only a service's invalidation can change it.
+    assert not is_coalition_member(
+        tenant=world_a.tenant, coalition_id=coalition.pk, agent_id=newcomer.pk
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        response = editor_a.post(
+            f"{URL}{coalition.pk}/change/",
+            _inline(coalition, rows=[founder], new=[(newcomer, "scout", "3.5")]),
+        )
+    assert response.status_code == 302
+    member = CoalitionMember.objects.get(coalition=coalition, agent=newcomer)
+    assert (member.role, member.contribution_score) == ("scout", Decimal("3.50"))
+    assert is_coalition_member(
+        tenant=world_a.tenant, coalition_id=coalition.pk, agent_id=newcomer.pk
+    )
+
+    with django_capture_on_commit_callbacks(execute=True):
+        editor_a.post(
+            f"{URL}{coalition.pk}/change/",
+            _inline(coalition, rows=[founder, member], delete=[founder]),
+        )
+    assert list(coalition.memberships.values_list("agent__name", flat=True)) == ["alpha-idle"]
+    assert not is_coalition_member(
+        tenant=world_a.tenant, coalition_id=coalition.pk, agent_id=world_a.agent.pk
+    )
+
+
+def test_existing_members_are_read_only(editor_a, world_a):
+    coalition = world_a.coalition
+    founder = coalition.memberships.get()
+    data = _inline(coalition, rows=[founder])
+    data["memberships-0-role"] = "usurper"
+    data["memberships-0-contribution_score"] = "999"
+    assert editor_a.post(f"{URL}{coalition.pk}/change/", data).status_code == 302
+    founder.refresh_from_db()
+    assert (founder.role, founder.contribution_score) == ("alpha-founder", Decimal("0"))
+
+
+def test_status_actions_follow_the_service_rules(editor_a, world_a):
+    coalition = world_a.coalition
+    ids = [str(coalition.pk)]
+    page = editor_a.post(URL, {"action": "mark_profitable", "_selected_action": ids}, follow=True)
+    refused = TRANSITION_NOT_ALLOWED.format(current="forming", target="profitable")
+    assert [str(m) for m in page.context["messages"]] == [f"{coalition.name}: {refused}"]
+    coalition.refresh_from_db()
+    assert coalition.status == "forming"
+
+    page = editor_a.post(URL, {"action": "activate", "_selected_action": ids}, follow=True)
+    assert [str(m) for m in page.context["messages"]] == ["1 coalition(s) activated."]
+    editor_a.post(URL, {"action": "dissolve", "_selected_action": ids})
+    coalition.refresh_from_db()
+    assert coalition.status == "dissolved"
+    assert coalition.dissolved_at is not None
+
+
+def test_a_dissolved_coalition_takes_no_new_members(editor_a, world_a):
+    coalition = world_a.coalition
+    editor_a.post(URL, {"action": "dissolve", "_selected_action": [str(coalition.pk)]})
+    page = editor_a.get(f"{URL}{coalition.pk}/change/")
+    formset = page.context["inline_admin_formsets"][0]
+    assert not formset.has_add_permission
+    founder = coalition.memberships.get()
+    editor_a.post(
+        f"{URL}{coalition.pk}/change/",
+        _inline(coalition, rows=[founder], new=[(world_a.idle_agent, "late", 0)]),
+    )
+    assert coalition.memberships.count() == 1
+
+
+def test_adding_a_coalition_uses_the_service_and_the_operators_tenant(editor_a, world_a):
+    response = editor_a.post(
+        f"{URL}add/",
+        {
+            "name": "New Venture",
+            "business_model": "delivery",
+            "initial_capital": "250.00",
+            "formation_criteria": "null",
+            "business_config": '{"radius": 2}',
+            "memberships-TOTAL_FORMS": 1,
+            "memberships-INITIAL_FORMS": 0,
+            "memberships-0-agent": world_a.agent.pk,
+            "memberships-0-role": "founder",
+            "memberships-0-contribution_score": "1",
+        },
+    )
+    assert response.status_code == 302
+    coalition = Coalition.objects.get(name="New Venture")
+    assert coalition.tenant == world_a.tenant
+    assert (coalition.status, coalition.current_capital) == ("forming", Decimal("250.00"))
+    assert coalition.business_config == {"radius": 2}
+    assert list(coalition.memberships.values_list("agent__name", "role")) == [
+        ("alpha-agent", "founder")
+    ]
+
+
+def test_a_service_refusal_on_add_is_a_form_error_and_creates_nothing(editor_a, world_a):
+    response = editor_a.post(
+        f"{URL}add/",
+        {
+            "name": "Broke",
+            "business_model": "retail",
+            "initial_capital": "-5",
+            "formation_criteria": "null",
+            "business_config": "null",
+            "memberships-TOTAL_FORMS": 0,
+            "memberships-INITIAL_FORMS": 0,
+        },
+    )
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert errors["initial_capital"] == [MONEY_INVALID.format(field="initial_capital")]
+    assert not Coalition.objects.filter(name="Broke").exists()
+
+
+def test_coalitions_are_dissolved_not_deleted(superuser_client, world_a):
+    coalition = world_a.coalition
+    assert superuser_client.get(f"{URL}{coalition.pk}/delete/").status_code == 403
+    actions = superuser_client.get(URL).context["action_form"].fields["action"].choices
+    assert "delete_selected" not in [value for value, _ in actions]
+
+
+def test_superusers_can_only_add_the_coalitions_own_tenants_agents(
+    superuser_client, world_a, world_b
+):
+    coalition = world_a.coalition
+    founder = coalition.memberships.get()
+    response = superuser_client.post(
+        f"{URL}{coalition.pk}/change/",
+        _inline(coalition, rows=[founder], new=[(world_b.agent, "spy", 0)]),
+    )
+    assert response.status_code == 200
+    assert "Select a valid choice" in response.content.decode()
+    assert coalition.memberships.count() == 1
+
+
+def test_the_change_list_counts_members(editor_a, world_a):
+    factories.make_agent(world_a.tenant)
+    page = editor_a.get(URL)
+    [row] = page.context["cl"].result_list
+    assert row._member_count == 1
