@@ -40,7 +40,9 @@ class AgentStateUpdate:
     free_energy: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ costs ~6x more, and selectors build
+# hundreds of these per query. Treat instances as read-only all the same.
+@dataclass(slots=True)
 class AgentState:
     """An agent as services return it and selectors read it; beliefs decrypted or None."""
 
