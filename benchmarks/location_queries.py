@@ -135,7 +135,7 @@ def worker(size: int, queries: int, reload: bool) -> dict:
 
         cur.execute(
             "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + _NEAR_SQL,
-            [tenant.id, tenant.id, "retail", list(h3.grid_disk(cell, 2))],
+            [list(h3.grid_disk(cell, 2)), tenant.id, tenant.id, "retail"],
         )
         result["coalitions_near_plan"] = [row[0] for row in cur.fetchall()]
     return result
