@@ -42,3 +42,24 @@ async def next_json(comm: WebsocketCommunicator) -> dict:
 def db(fn, *args, **kwargs):
     """Run a synchronous (database) call from an async test."""
     return database_sync_to_async(fn)(*args, **kwargs)
+
+
+def session_headers(user) -> list[tuple[bytes, bytes]]:
+    """A Cookie header carrying a logged-in Django session of `user` (synchronous)."""
+    from django.conf import settings
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    cookie = client.cookies[settings.SESSION_COOKIE_NAME].value
+    return [(b"cookie", f"{settings.SESSION_COOKIE_NAME}={cookie}".encode())]
+
+
+async def frames_until(comm: WebsocketCommunicator, predicate) -> list[dict]:
+    """Frames received up to and including the first that satisfies predicate."""
+    received = []
+    while True:
+        message = await next_json(comm)
+        received.append(message)
+        if predicate(message):
+            return received

@@ -1,0 +1,161 @@
+"""What services put on the channel layer, read back from Redis by a channel in the
+tenant's group (the position every server process's hub is in)."""
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+from channels.layers import get_channel_layer
+from django.db import transaction
+
+from agents.encryption import decrypt_array
+from agents.realtime import BATCH, EVENT_CREATED, EVENT_DELETED, EVENT_UPDATED, tenant_group
+from agents.services import (
+    AgentSpec,
+    agent_adjust_energy,
+    agent_create,
+    agent_delete,
+    agent_update_state,
+    agents_update_states,
+)
+from agents.types import AgentStateUpdate
+from tests import factories
+from tests.realtime.helpers import TIMEOUT, db
+
+pytestmark = [pytest.mark.anyio, pytest.mark.django_db(transaction=True)]
+
+
+async def listener(tenant):
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await layer.group_add(tenant_group(tenant.id), channel)
+
+    async def receive() -> dict:
+        async with asyncio.timeout(TIMEOUT):
+            message = await layer.receive(channel)
+        assert message["type"] == BATCH
+        return message
+
+    return receive
+
+
+def frames(message) -> list[dict]:
+    return [json.loads(f) for f in message["frames"]]
+
+
+async def test_a_batch_goes_out_as_one_channel_message_per_chunk(tenant, settings):
+    settings.REALTIME_PUBLISH_CHUNK = 10
+    agents = [await db(factories.make_agent, tenant) for _ in range(25)]
+    receive = await listener(tenant)
+    updates = [AgentStateUpdate(a.id, energy_level=i) for i, a in enumerate(agents)]
+    await db(agents_update_states, tenant=tenant, updates=updates)
+    sizes = [len((await receive())["agents"]) for _ in range(3)]
+    # A later commit is the next message: the batch made exactly three.
+    await db(
+        agent_update_state, tenant=tenant, update=AgentStateUpdate(agents[0].id, status="inactive")
+    )
+    sentinel = await receive()
+    assert sizes == [10, 10, 5]
+    assert [m["data"]["status"] for m in frames(sentinel)] == ["inactive"]
+
+
+async def test_messages_follow_the_update_order_with_what_a_dashboard_needs(tenant):
+    first = await db(factories.make_agent, tenant)
+    second = await db(factories.make_agent, tenant)
+    receive = await listener(tenant)
+    beliefs = np.array([0.7, 0.2, 0.1])
+    await db(
+        agents_update_states,
+        tenant=tenant,
+        updates=[
+            AgentStateUpdate(second.id, energy_level=10, beliefs=beliefs),
+            AgentStateUpdate(first.id, location_h3=factories.BERLIN_CELL),
+        ],
+    )
+    message = await receive()
+    with_beliefs, without = frames(message)
+    assert message["agents"] == [str(second.id), str(first.id)]
+    assert with_beliefs["agent_id"] == str(second.id)
+    assert with_beliefs["type"] == EVENT_UPDATED
+    assert with_beliefs["data"]["energy_level"] == 10
+    assert with_beliefs["data"]["belief_summary"]["max"] == pytest.approx(0.7)
+    assert with_beliefs["data"]["belief_summary"]["entropy"] > 0
+    assert without["data"]["location_h3"] == factories.BERLIN_CELL
+    assert without["data"]["lat"] == pytest.approx(52.52, abs=0.01)
+    # Beliefs unchanged: no summary, and no token to decrypt.
+    assert "belief_summary" not in without["data"]
+    assert message["tokens"][1] is None
+
+
+async def test_full_beliefs_cross_redis_only_encrypted(tenant):
+    agent = await db(factories.make_agent, tenant)
+    receive = await listener(tenant)
+    # The middle value is neither min, max nor mean: only the full array would carry it.
+    beliefs = np.array([0.1, 0.123456789, 0.776543211])
+    await db(agent_update_state, tenant=tenant, update=AgentStateUpdate(agent.id, beliefs=beliefs))
+    message = await receive()
+    assert "beliefs" not in frames(message)[0]["data"]
+    assert "0.123456789" not in message["frames"][0]
+    np.testing.assert_array_equal(decrypt_array(message["tokens"][0]), beliefs)
+
+
+async def test_a_rolled_back_update_publishes_nothing(tenant):
+    agent = await db(factories.make_agent, tenant)
+    receive = await listener(tenant)
+
+    def update_then_fail():
+        with transaction.atomic():
+            agent_update_state(tenant=tenant, update=AgentStateUpdate(agent.id, energy_level=11))
+            raise RuntimeError("simulated failure after the update")
+
+    with pytest.raises(RuntimeError):
+        await db(update_then_fail)
+    await db(agent_update_state, tenant=tenant, update=AgentStateUpdate(agent.id, energy_level=22))
+    assert [f["data"]["energy_level"] for f in frames(await receive())] == [22]
+
+
+async def test_an_outer_transaction_publishes_when_it_commits(tenant):
+    agent = await db(factories.make_agent, tenant)
+    receive = await listener(tenant)
+
+    def two_updates():
+        with transaction.atomic():
+            agent_update_state(tenant=tenant, update=AgentStateUpdate(agent.id, energy_level=1))
+            agent_adjust_energy(tenant=tenant, agent_id=agent.id, delta=5)
+
+    await db(two_updates)
+    seen = [f["data"]["energy_level"] for f in frames(await receive())]
+    if len(seen) < 2:
+        seen += [f["data"]["energy_level"] for f in frames(await receive())]
+    assert seen == [1, 6]
+
+
+async def test_another_tenants_updates_stay_in_its_own_group(tenant, other_tenant):
+    mine = await db(factories.make_agent, tenant)
+    theirs = await db(factories.make_agent, other_tenant)
+    receive = await listener(tenant)
+    await db(
+        agent_update_state, tenant=other_tenant, update=AgentStateUpdate(theirs.id, energy_level=1)
+    )
+    await db(agent_update_state, tenant=tenant, update=AgentStateUpdate(mine.id, energy_level=2))
+    assert (await receive())["agents"] == [str(mine.id)]
+
+
+async def test_create_and_delete_are_published(tenant):
+    receive = await listener(tenant)
+    spec = AgentSpec(name="new", agent_type="scout", beliefs=np.array([0.5, 0.5]))
+    state = await db(agent_create, tenant=tenant, spec=spec)
+    await db(agent_delete, tenant=tenant, agent_id=state.id)
+    created = frames(await receive())[0]
+    deleted = frames(await receive())[0]
+    assert created["type"] == EVENT_CREATED
+    assert created["agent_id"] == str(state.id)
+    assert created["data"]["name"] == "new"
+    assert created["data"]["belief_summary"]["size"] == 2
+    assert deleted == {
+        "agent_id": str(state.id),
+        "type": EVENT_DELETED,
+        "data": {},
+        "timestamp": deleted["timestamp"],
+    }
