@@ -8,6 +8,7 @@ import datetime
 from collections import defaultdict
 
 from django.contrib import admin, messages
+from django.contrib.admin.models import CHANGE, LogEntry
 from django.contrib.admin.utils import flatten_fieldsets, unquote
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
@@ -274,7 +275,14 @@ class AgentAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
         except ValidationError as e:
             self.report_service_error(request, e)
             return
-        changed = sum(map(len, ids_by_tenant.values()))
+        changed = [i for ids in ids_by_tenant.values() for i in ids]
+        LogEntry.objects.log_actions(
+            request.user.pk,
+            Agent.objects.filter(pk__in=changed).only("pk", "name"),
+            CHANGE,
+            f"Status set to {status}.",
+        )
+        changed = len(changed)
         self.message_user(request, f"{changed} agent(s) {verb}.", messages.SUCCESS)
 
     @admin.action(description="Export selected agents as CSV", permissions=["view"])

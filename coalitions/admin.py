@@ -7,9 +7,11 @@ a member's role and score, so those are read-only here.
 """
 
 from django.contrib import admin, messages
-from django.contrib.admin.utils import flatten_fieldsets
-from django.core.exceptions import ValidationError
+from django.contrib.admin.utils import flatten_fieldsets, unquote
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Count
+from django.http import HttpResponseNotAllowed, HttpResponseRedirect
+from django.urls import path, reverse
 from django.utils import timezone
 
 from agents.admin_scoping import (
@@ -20,6 +22,7 @@ from agents.admin_scoping import (
 )
 from coalitions.models import Coalition, CoalitionMember, CoalitionStatus
 from coalitions.services import (
+    ALLOWED_TRANSITIONS,
     coalition_add_member,
     coalition_create,
     coalition_remove_member,
@@ -131,6 +134,46 @@ class CoalitionAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
         # the membership cache), and a dissolved coalition keeps its history.
         return False
 
+    def get_urls(self):
+        # Before the default patterns: their "<path:object_id>/" would swallow this one.
+        return [
+            path(
+                "<path:object_id>/status/",
+                self.admin_site.admin_view(self.status_view),
+                name="coalitions_coalition_status",
+            ),
+            *super().get_urls(),
+        ]
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        if obj is not None and self.has_change_permission(request, obj):
+            # Buttons for the moves the status rules allow from here, in their order.
+            context["status_moves"] = [
+                status
+                for status in CoalitionStatus.values
+                if status in ALLOWED_TRANSITIONS[CoalitionStatus(obj.status)]
+            ]
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def status_view(self, request, object_id):
+        """The change page's status buttons: one coalition_set_status call."""
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        coalition = self.get_object(request, unquote(object_id))
+        if not self.has_change_permission(request, coalition):
+            raise PermissionDenied
+        status = request.POST.get("status", "")
+        try:
+            coalition_set_status(tenant=coalition.tenant, coalition_id=coalition.pk, status=status)
+        except ValidationError as e:
+            self.report_service_error(request, e)
+        else:
+            self.log_change(request, coalition, f"Status set to {status}.")
+            self.message_user(request, f"{coalition} is now {status}.", messages.SUCCESS)
+        return HttpResponseRedirect(
+            reverse("admin:coalitions_coalition_change", args=[coalition.pk])
+        )
+
     @admin.display(description="Members", ordering="_member_count")
     def member_count(self, obj):
         return obj._member_count
@@ -213,6 +256,7 @@ class CoalitionAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
                 for message in e.messages:
                     self.message_user(request, f"{coalition}: {message}", messages.ERROR)
             else:
+                self.log_change(request, coalition, f"Status set to {status}.")
                 done += 1
         if done:
             self.message_user(request, f"{done} coalition(s) {verb}.", messages.SUCCESS)

@@ -256,3 +256,10 @@ def test_the_chart_draws_the_agents_own_metrics_from_influxdb(
     # Free energy and belief entropy, one point per hour for this agent's six hours.
     assert [len(points.split()) for points in lines] == [6, 6]
     assert "6 of the last 24 hours have data" in chart
+
+
+def test_bulk_status_changes_are_in_each_agents_history(editor_a, world_a):
+    agent = world_a.agent
+    editor_a.post(URL, {"action": "suspend_agents", "_selected_action": [str(agent.pk)]})
+    history = editor_a.get(f"{URL}{agent.pk}/history/").content.decode()
+    assert "Status set to suspended." in history

@@ -74,7 +74,7 @@ def _log_in(browser, base_url: str, username: str):
     return page
 
 
-def test_an_operator_sees_the_hex_picture_and_the_metrics_chart(
+def test_an_operator_sees_the_pictures_and_the_metrics_chart(
     live_server, make_operator, world_a, world_b, influx_metrics, chromium
 ):
     agent = world_a.agent
@@ -122,6 +122,13 @@ def _check_agent_and_overview_pages(browser, base_url: str, world_a) -> None:
     expect(density).to_be_visible()
     expect(density.locator("polygon.hex-cell")).to_have_count(4)
     page.screenshot(path=ARTIFACTS / "admin-tenant-overview.png", full_page=True)
+
+    page.goto(f"{base_url}/admin/coalitions/coalition/{world_a.coalition.pk}/change/")
+    expect(page.locator("#memberships-group")).to_contain_text("alpha-founder")
+    page.click("button.coalition-status-active")
+    expect(page.locator("ul.messagelist")).to_contain_text("is now active")
+    expect(page.locator("button.coalition-status-profitable")).to_be_visible()
+    page.screenshot(path=ARTIFACTS / "admin-coalition-page.png", full_page=True)
 
 
 def test_two_operators_side_by_side_each_see_only_their_own_world(

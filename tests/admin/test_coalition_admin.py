@@ -1,11 +1,14 @@
+import re
 from decimal import Decimal
 
 import pytest
 
+from agents.admin_scoping import OPERATOR_READ_ONLY
 from coalitions.models import Coalition, CoalitionMember
 from coalitions.selectors import is_coalition_member
 from coalitions.services import MONEY_INVALID, TRANSITION_NOT_ALLOWED
 from tests import factories
+from tests.admin.conftest import logged_in
 
 pytestmark = pytest.mark.django_db
 
@@ -39,11 +42,13 @@ def test_the_page_shows_members_roles_scores_capital_and_revenue(editor_a, world
         total_revenue=Decimal("777.25"),
     )
     CoalitionMember.objects.filter(coalition=coalition).update(contribution_score=Decimal("12.5"))
-    body = editor_a.get(f"{URL}{coalition.pk}/change/").content.decode()
+    page = editor_a.get(f"{URL}{coalition.pk}/change/")
+    body = page.content.decode()
     for text in ("alpha-founder", "12.50", "1234.50", "777.25", "1000.00", "Capital and revenue"):
         assert text in body
-    # Status is shown, never offered as a field: it changes through actions only.
-    assert 'name="status"' not in body
+    # Status is shown, never a form field: it changes through the service only.
+    assert page.context["adminform"].form.fields == {}
+    assert '<div class="readonly">Forming</div>' in body
 
 
 def test_adding_and_removing_members_goes_through_the_services(
@@ -191,3 +196,35 @@ def test_the_change_list_counts_members(editor_a, world_a):
     page = editor_a.get(URL)
     [row] = page.context["cl"].result_list
     assert row._member_count == 1
+
+
+def test_the_change_page_offers_the_allowed_status_moves_as_buttons(editor_a, world_a):
+    coalition = world_a.coalition
+    body = editor_a.get(f"{URL}{coalition.pk}/change/").content.decode()
+    offered = re.findall(r'<input type="hidden" name="status" value="(\w+)">', body)
+    assert offered == ["active", "dissolved"]
+
+    status_url = f"{URL}{coalition.pk}/status/"
+    assert editor_a.get(status_url).status_code == 405
+    page = editor_a.post(status_url, {"status": "active"}, follow=True)
+    assert [str(m) for m in page.context["messages"]] == [f"{coalition.name} is now active."]
+    coalition.refresh_from_db()
+    assert coalition.status == "active"
+    history = editor_a.get(f"{URL}{coalition.pk}/history/").content.decode()
+    assert "Status set to active." in history
+
+    page = editor_a.post(status_url, {"status": "forming"}, follow=True)
+    refused = TRANSITION_NOT_ALLOWED.format(current="active", target="forming")
+    assert [str(m) for m in page.context["messages"]] == [refused]
+    coalition.refresh_from_db()
+    assert coalition.status == "active"
+
+
+def test_read_only_operators_get_no_status_buttons(make_operator, world_a):
+    client = logged_in(make_operator(world_a.tenant, OPERATOR_READ_ONLY))
+    coalition = world_a.coalition
+    body = client.get(f"{URL}{coalition.pk}/change/").content.decode()
+    assert 'name="status"' not in body
+    assert client.post(f"{URL}{coalition.pk}/status/", {"status": "active"}).status_code == 403
+    coalition.refresh_from_db()
+    assert coalition.status == "forming"

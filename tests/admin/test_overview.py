@@ -39,8 +39,20 @@ def test_the_overview_counts_agents_by_status_and_type_and_coalitions_by_status(
     assert page.context["coalitions_by_status"] == [("forming", 1)]
     body = page.content.decode()
     assert '<table id="agents-by-status">' in body
-    assert "<td>alpha-type</td>" in body
+    assert ">alpha-type</a></td>" in body
     assert "bravo" not in body
+
+
+def test_the_overview_counts_link_to_the_matching_lists(editor_a, world_a):
+    body = editor_a.get(f"/admin/agents/tenant/{world_a.tenant.pk}/overview/").content.decode()
+    links = re.findall(r'<a href="(/admin/(?:agents/agent|coalitions/coalition)/\?[^"]+)">', body)
+    assert len(links) == 5
+    listed = {
+        str(obj)
+        for link in links
+        for obj in editor_a.get(link.replace("&amp;", "&")).context["cl"].result_list
+    }
+    assert listed == {"alpha-agent", "alpha-idle", "alpha-coalition"}
 
 
 def test_a_tenant_without_located_agents_gets_a_message_not_a_picture(editor_a, world_a):

@@ -80,6 +80,18 @@ def test_posting_to_another_tenants_change_and_delete_urls_changes_nothing(
     assert (own.status, own.energy_level) == ("suspended", 1)
 
 
+def test_another_tenants_coalition_status_url_is_404(editor_a, world_a, world_b):
+    url = "/admin/coalitions/coalition/{}/status/"
+    assert (
+        editor_a.post(url.format(world_b.coalition.pk), {"status": "dissolved"}).status_code == 404
+    )
+    assert Coalition.objects.get(pk=world_b.coalition.pk).status == "forming"
+    assert (
+        editor_a.post(url.format(world_a.coalition.pk), {"status": "dissolved"}).status_code == 302
+    )
+    assert Coalition.objects.get(pk=world_a.coalition.pk).status == "dissolved"
+
+
 def test_the_tenant_overview_of_another_tenant_is_404(editor_a, world_a, world_b):
     assert editor_a.get(f"/admin/agents/tenant/{world_a.tenant.pk}/overview/").status_code == 200
     assert editor_a.get(f"/admin/agents/tenant/{world_b.tenant.pk}/overview/").status_code == 404
