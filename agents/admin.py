@@ -37,6 +37,7 @@ from agents.services import (
 )
 from agents.svg import hex_map_svg, neighbourhood_svg
 from agents.types import AgentStateUpdate
+from coalitions.models import Coalition
 from metrics.charts import agent_metrics_chart
 
 NEIGHBOURHOOD_RADIUS = 3
@@ -101,8 +102,6 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
 
 def _tenant_overview(tenant: Tenant) -> dict:
     """Counts for the overview page; four grouped queries, however many agents."""
-    from coalitions.models import Coalition
-
     agents = Agent.objects.filter(tenant=tenant)
     cells = dict(
         agents.exclude(location_h3=None)
@@ -204,8 +203,10 @@ class AgentAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
 
     def get_queryset(self, request):
         qs = super().get_queryset(request)
-        # The list never shows beliefs, so it never pays to decrypt them.
-        if request.resolver_match and request.resolver_match.url_name.endswith("changelist"):
+        # Beliefs decrypt as rows load; only the change page shows them (summarised), so
+        # lists, autocomplete, actions and delete pages never pay for it.
+        match = request.resolver_match
+        if match is None or match.url_name != "agents_agent_change":
             qs = qs.defer("belief_state")
         return qs
 
@@ -276,14 +277,14 @@ class AgentAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
             self.report_service_error(request, e)
             return
         changed = [i for ids in ids_by_tenant.values() for i in ids]
-        LogEntry.objects.log_actions(
-            request.user.pk,
-            Agent.objects.filter(pk__in=changed).only("pk", "name"),
-            CHANGE,
-            f"Status set to {status}.",
-        )
-        changed = len(changed)
-        self.message_user(request, f"{changed} agent(s) {verb}.", messages.SUCCESS)
+        if changed:
+            LogEntry.objects.log_actions(
+                request.user.pk,
+                Agent.objects.filter(pk__in=changed).only("pk", "name"),
+                CHANGE,
+                f"Status set to {status}.",
+            )
+        self.message_user(request, f"{len(changed)} agent(s) {verb}.", messages.SUCCESS)
 
     @admin.action(description="Export selected agents as CSV", permissions=["view"])
     def export_csv(self, request, queryset):

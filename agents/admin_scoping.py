@@ -46,15 +46,12 @@ def tenant_path_for(model) -> str:
     that is not tenant-owned, so a new relation cannot go unscoped by accident."""
     if model is Tenant:
         return "pk"
-    path = getattr(model, "admin_tenant_path", None)
-    if path:
-        return path
     field = next((f for f in model._meta.concrete_fields if f.name == "tenant"), None)
     if field is not None and field.related_model is Tenant:
         return "tenant"
     raise ImproperlyConfigured(
-        f"{model._meta.label} has no tenant: give it a `tenant` foreign key or an "
-        "`admin_tenant_path`, or keep it out of operator forms."
+        f"{model._meta.label} has no `tenant` foreign key: scope it explicitly, or keep "
+        "it out of operator forms."
     )
 
 
@@ -279,9 +276,7 @@ class TenantScopedAdminMixin(TenantScopedInlineMixin):
         try:
             return super().delete_view(request, object_id, extra_context)
         except ServiceRejected as rejected:
-            for _, field_messages in _error_items(rejected.error):
-                for message in field_messages:
-                    self.message_user(request, message, messages.ERROR)
+            self.report_service_error(request, rejected.error)
             info = (self.opts.app_label, self.opts.model_name)
             return HttpResponseRedirect(reverse("admin:{}_{}_changelist".format(*info)))
 

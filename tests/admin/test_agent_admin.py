@@ -5,8 +5,10 @@ import re
 import h3
 import numpy as np
 import pytest
+from django.core.exceptions import ValidationError
 from django.db import connection
 
+from agents import admin as agent_admin
 from agents import cache
 from agents.admin_scoping import OPERATOR_READ_ONLY
 from agents.models import Agent, AgentHistory
@@ -263,3 +265,16 @@ def test_bulk_status_changes_are_in_each_agents_history(editor_a, world_a):
     editor_a.post(URL, {"action": "suspend_agents", "_selected_action": [str(agent.pk)]})
     history = editor_a.get(f"{URL}{agent.pk}/history/").content.decode()
     assert "Status set to suspended." in history
+
+
+def test_a_refused_delete_is_reported_and_deletes_nothing(editor_a, world_a, monkeypatch):
+    # A concurrent delete is the real-world cause; the service's refusal is what matters.
+    def refuse(*, tenant, agent_id):
+        raise ValidationError({"agent_id": "agent_id: gone meanwhile."})
+
+    monkeypatch.setattr(agent_admin, "agent_delete", refuse)
+    agent = world_a.idle_agent
+    response = editor_a.post(f"{URL}{agent.pk}/delete/", {"post": "yes"}, follow=True)
+    assert response.redirect_chain[-1][0] == URL
+    assert [str(m) for m in response.context["messages"]] == ["agent_id: gone meanwhile."]
+    assert Agent.objects.filter(pk=agent.pk).exists()
