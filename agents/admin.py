@@ -122,6 +122,7 @@ def _tenant_overview(tenant: Tenant) -> dict:
         "agent_count": sum(by_status.values()),
         "located_count": sum(cells.values()),
         "cell_count": len(cells),
+        "densest": max(cells.values(), default=0),
         "agents_by_status": sorted(by_status.items()),
         "agents_by_type": sorted(by_type.items()),
         "coalitions_by_status": sorted(coalitions.items()),

@@ -1,9 +1,10 @@
+from io import StringIO
+
 import pytest
 from django.contrib.auth.models import Group
+from django.core.management import call_command
 
 from agents.admin_scoping import OPERATOR_EDITOR, OPERATOR_READ_ONLY
-
-pytestmark = pytest.mark.django_db
 
 VIEW = {
     "agents.view_tenant",
@@ -19,9 +20,11 @@ def _permissions(name: str) -> set[str]:
     return {f"{p.content_type.app_label}.{p.codename}" for p in group.permissions.all()}
 
 
-def test_the_migration_made_both_operator_groups():
-    # No fixture re-applies the migration here: these rows come from migrating the test
-    # database (non-transactional tests run before any flush).
+@pytest.mark.django_db(transaction=True)
+def test_the_migration_makes_both_operator_groups_and_its_reverse_removes_them():
+    call_command("migrate", "agents", "0004", stdout=StringIO())
+    assert not Group.objects.filter(name__in=[OPERATOR_READ_ONLY, OPERATOR_EDITOR]).exists()
+    call_command("migrate", "agents", stdout=StringIO())
     assert _permissions(OPERATOR_READ_ONLY) == VIEW
     assert _permissions(OPERATOR_EDITOR) == VIEW | {
         "agents.add_agent",
@@ -36,6 +39,7 @@ def test_the_migration_made_both_operator_groups():
     }
 
 
+@pytest.mark.django_db
 def test_operator_groups_grant_nothing_outside_agents_and_coalitions(operator_groups):
     for group in operator_groups.values():
         labels = set(group.permissions.values_list("content_type__app_label", flat=True))

@@ -28,6 +28,7 @@ def test_the_overview_draws_agent_density_per_cell(editor_a, world_a, world_b):
     opacities = dict(re.findall(r'data-cell="([0-9a-f]+)"[^>]*fill-opacity="([\d.]+)"', svg))
     assert float(opacities[neighbour]) > float(opacities[factories.BERLIN_CELL])
     assert "5 of 6 agents have a location, in 2 cells" in body
+    assert "(the darkest, 3)" in body
 
 
 def test_the_overview_counts_agents_by_status_and_type_and_coalitions_by_status(
