@@ -8,6 +8,7 @@ overwrites the same point instead of adding a second one.
 
 import datetime
 import math
+import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -28,6 +29,9 @@ def timestamp_ns(moment: datetime.datetime) -> int:
 
 
 def tag(value) -> str:
+    if type(value) is uuid.UUID:
+        # The common case, and a UUID's text never needs escaping.
+        return str(value)
     text = str(value)
     if "\n" in text:
         raise ValueError("line protocol tag values cannot contain newlines")
@@ -68,6 +72,27 @@ def belief_stats(arrays: Sequence[np.ndarray]) -> list[tuple[float, float, float
     return results
 
 
+def stats_fields(stats: tuple[float, float, float]) -> str:
+    """belief_entropy, max_belief and belief_variance fields; non-finite ones left out."""
+    entropy, maximum, variance = stats
+    if math.isfinite(entropy) and math.isfinite(maximum) and math.isfinite(variance):
+        return f"belief_entropy={entropy!r},max_belief={maximum!r},belief_variance={variance!r}"
+    return ",".join(
+        f"{name}={value}"
+        for name, number in zip(_STAT_FIELDS, stats, strict=True)
+        if (value := float_field(number)) is not None
+    )
+
+
+def dimension_fields(array: np.ndarray) -> str:
+    """belief_<i> fields of the flattened array; non-finite ones left out."""
+    return ",".join(
+        f"belief_{i}={value}"
+        for i, number in enumerate(np.asarray(array, dtype=np.float64).ravel().tolist())
+        if (value := float_field(number)) is not None
+    )
+
+
 def agent_line(
     *,
     agent_id,
@@ -82,16 +107,12 @@ def agent_line(
     fields = []
     if free_energy is not None and (value := float_field(free_energy)) is not None:
         fields.append(f"free_energy={value}")
-    if stats is not None:
-        for name, number in zip(_STAT_FIELDS, stats, strict=True):
-            if (value := float_field(number)) is not None:
-                fields.append(f"{name}={value}")
+    if stats is not None and (text := stats_fields(stats)):
+        fields.append(text)
     if energy_level is not None:
         fields.append(f"energy_level={int(energy_level)}i")
-    if dimensions is not None:
-        for i, number in enumerate(np.asarray(dimensions, dtype=np.float64).ravel().tolist()):
-            if (value := float_field(number)) is not None:
-                fields.append(f"belief_{i}={value}")
+    if dimensions is not None and (text := dimension_fields(dimensions)):
+        fields.append(text)
     if not fields:
         return None
     return (

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 MEMBER_COUNT_NEGATIVE = "member_count: must be a non-negative integer, got {value!r}."
 BATCH_SIZE_RANGE = "batch_size: must be between 1 and 100000, got {value!r}."
+WORKERS_RANGE = "workers: must be between 1 and 16, got {value!r}."
 
 # One statement, so recording adds one round trip per batch. The backlog estimate is
 # the id range (two index probes, no count(*)): an upper bound, exact unless ids were
@@ -128,26 +129,36 @@ def _dimensions_allowed(size: int) -> bool:
 def _agent_lines(
     states: Sequence[AgentState], free_energies: Sequence, beliefs: Sequence
 ) -> list[str]:
+    # points.agent_line, unrolled: this runs for every state of every batch.
     with_beliefs = [i for i, b in enumerate(beliefs) if b is not None]
     stats = points.belief_stats([beliefs[i] for i in with_beliefs])
-    stats_by_index = dict(zip(with_beliefs, stats, strict=True))
+    stats_text = {i: points.stats_fields(s) for i, s in zip(with_beliefs, stats, strict=True)}
     dimensions = settings.METRICS_BELIEF_DIMENSIONS
+    tenant_tags: dict = {}
     lines = []
     for i, state in enumerate(states):
+        fields = []
+        free_energy = free_energies[i]
+        if free_energy is not None and (value := points.float_field(free_energy)) is not None:
+            fields.append("free_energy=" + value)
+        if text := stats_text.get(i):
+            fields.append(text)
+        fields.append(f"energy_level={state.energy_level}i")
         array = beliefs[i]
-        line = points.agent_line(
-            agent_id=state.id,
-            tenant_id=state.tenant_id,
-            time_ns=points.timestamp_ns(state.updated_at),
-            free_energy=free_energies[i],
-            stats=stats_by_index.get(i),
-            energy_level=state.energy_level,
-            dimensions=array
-            if dimensions and array is not None and _dimensions_allowed(array.size)
-            else None,
+        if (
+            dimensions
+            and array is not None
+            and _dimensions_allowed(array.size)
+            and (text := points.dimension_fields(array))
+        ):
+            fields.append(text)
+        tenant = tenant_tags.get(state.tenant_id)
+        if tenant is None:
+            tenant = tenant_tags[state.tenant_id] = points.tag(state.tenant_id)
+        lines.append(
+            f"{points.AGENT_MEASUREMENT},agent_id={points.tag(state.id)},tenant_id={tenant} "
+            f"{','.join(fields)} {points.timestamp_ns(state.updated_at)}"
         )
-        if line is not None:
-            lines.append(line)
     return lines
 
 
@@ -277,6 +288,9 @@ def _ship(rows: list[tuple[int, str]], config) -> list[tuple[str, str]]:
 
 def _flush_batch(*, batch_size: int, upto: int, config, report: FlushReport) -> int:
     with transaction.atomic(), server_binding_cursor() as cursor:
+        # Losing this commit in a crash only sends its points again, which overwrite
+        # themselves: not worth waiting for the WAL flush of every batch.
+        cursor.execute("SET LOCAL synchronous_commit = off")
         cursor.execute(_FLUSH_SELECT_SQL, [upto, batch_size])
         rows = cursor.fetchall()
         if not rows:
@@ -302,6 +316,7 @@ def outbox_flush(
     follow: bool = False,
     batch_size: int | None = None,
     retries: int | None = None,
+    workers: int = 1,
     poll_interval: float = 1.0,
     stop: threading.Event | None = None,
     on_batch: Callable[[int], None] | None = None,
@@ -313,11 +328,12 @@ def outbox_flush(
     raises InfluxDBUnavailable and the points stay in the outbox. follow=True: runs
     until `stop` is set, polling every `poll_interval` seconds when the outbox is empty
     and retrying failures forever with exponential backoff (capped at
-    METRICS_FLUSH_BACKOFF_MAX_MS). Several flushers may run at once: each batch takes
-    rows with FOR UPDATE SKIP LOCKED.
+    METRICS_FLUSH_BACKOFF_MAX_MS). `workers` threads, each with its own database
+    connection, overlap one batch's PostgreSQL work with another's POST; any number of
+    flusher processes may run as well: each batch takes rows FOR UPDATE SKIP LOCKED.
 
     Raises ImproperlyConfigured (settings, credentials or target refused) in both modes:
-    no retry can fix those. Returns a FlushReport.
+    no retry can fix those. Returns a FlushReport (summed over workers).
     """
     batch_size = batch_size or settings.METRICS_FLUSH_BATCH_SIZE
     if (
@@ -326,11 +342,61 @@ def outbox_flush(
         or not 0 < batch_size <= 100_000
     ):
         raise ValidationError({"batch_size": BATCH_SIZE_RANGE.format(value=batch_size)})
-    retries = settings.METRICS_FLUSH_RETRIES if retries is None else retries
-    config = client.load_config()
-    stop = stop or threading.Event()
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 16:
+        raise ValidationError({"workers": WORKERS_RANGE.format(value=workers)})
+    options = {
+        "follow": follow,
+        "batch_size": batch_size,
+        "retries": settings.METRICS_FLUSH_RETRIES if retries is None else retries,
+        "config": client.load_config(),
+        "upto": _NO_LIMIT if follow else _outbox_head(),
+        "poll_interval": poll_interval,
+        "stop": stop or threading.Event(),
+    }
+    if workers == 1:
+        return _flush_worker(**options, on_batch=on_batch)
+    return _flush_workers(workers, options, on_batch)
+
+
+def _flush_workers(workers: int, options: dict, on_batch) -> FlushReport:
+    lock = threading.Lock()
+    reports, errors = [], []
+
+    def counted(shipped: int) -> None:
+        if on_batch:
+            with lock:
+                on_batch(shipped)
+
+    def run() -> None:
+        try:
+            reports.append(_flush_worker(**options, on_batch=counted))
+        except BaseException as e:
+            errors.append(e)
+            # One worker's fatal error (bad credentials...) is every worker's.
+            options["stop"].set()
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, name=f"flush_metrics-{i}") for i in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    total = FlushReport()
+    for report in reports:
+        total.sent += report.sent
+        total.batches += report.batches
+        total.rejected += report.rejected
+        total.failures += report.failures
+    return total
+
+
+def _flush_worker(
+    *, follow, batch_size, retries, config, upto, poll_interval, stop, on_batch
+) -> FlushReport:
     report = FlushReport()
-    upto = _NO_LIMIT if follow else _outbox_head()
     delays = _backoff_delays()
     consecutive, failing_since = 0, None
     while not stop.is_set():
@@ -339,7 +405,7 @@ def outbox_flush(
         except (InfluxDBUnavailable, DatabaseError) as e:
             report.failures += 1
             consecutive += 1
-            if isinstance(e, DatabaseError):
+            if isinstance(e, DatabaseError) and not connection.in_atomic_block:
                 # A broken connection is replaced on the next use; the batch was rolled back.
                 connection.close_if_unusable_or_obsolete()
             if not follow and consecutive > retries:

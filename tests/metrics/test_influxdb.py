@@ -211,6 +211,15 @@ def test_concurrent_flushers_send_every_point_exactly_once(influxd, influx_v1):
 
 
 @pytest.mark.django_db(transaction=True)
+def test_flush_command_workers_share_the_outbox(influxd, influx_v1):
+    outbox_add(_lines(500))
+    out = StringIO()
+    call_command("flush_metrics", "--workers", "3", "--batch-size", "40", stdout=out)
+    assert "500 point(s) sent in 13 batch(es), 0 rejected; 0 wait in the outbox" in out.getvalue()
+    assert influxd.count(influx_v1, *ENERGY) == 500
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_flusher_skips_rows_another_flusher_holds(influxd, influx_v1):
     outbox_add(_lines(10))
     first_ids = list(OutboxPoint.objects.order_by("id").values_list("id", flat=True)[:4])

@@ -22,6 +22,9 @@ class Command(BaseCommand):
             "--retries", type=int, help="One-shot: consecutive failures before giving up."
         )
         parser.add_argument(
+            "--workers", type=int, default=1, help="Flusher threads, each with its own connection."
+        )
+        parser.add_argument(
             "--interval", type=float, default=1.0, help="--follow: seconds between empty polls."
         )
         parser.add_argument(
@@ -48,6 +51,7 @@ class Command(BaseCommand):
                 follow=options["follow"],
                 batch_size=options["batch_size"],
                 retries=options["retries"],
+                workers=options["workers"],
                 poll_interval=options["interval"],
                 stop=stop,
                 on_batch=progress.advance,
