@@ -139,6 +139,7 @@ class ApiToken(models.Model):
     class Meta:
         db_table = "api_tokens"
         ordering = ["-created_at"]
+        verbose_name = "API token"
 
     def __str__(self):
         return f"{self.name} ({self.prefix}…)"

@@ -262,15 +262,19 @@ def agent_adjust_energy(*, tenant: Tenant, agent_id: uuid.UUID, delta: int) -> A
 
 
 def agent_delete(*, tenant: Tenant, agent_id: uuid.UUID) -> None:
-    """Delete an agent (its memberships cascade); its cache entry becomes a tombstone."""
+    """Delete an agent (its memberships cascade); its cache entry becomes a tombstone
+    and the membership sets of its coalitions are invalidated."""
     with transaction.atomic():
-        deleted, _ = Agent.objects.filter(pk=agent_id, tenant=tenant).delete()
-        if not deleted:
+        agent = Agent.objects.filter(pk=agent_id, tenant=tenant).select_for_update().first()
+        if agent is None:
             raise ValidationError(
                 {"agent_id": AGENTS_NOT_FOUND.format(count=1, tenant=tenant.slug, ids=agent_id)}
             )
+        coalition_ids = list(agent.memberships.values_list("coalition_id", flat=True))
+        agent.delete()
         version = micros(datetime.datetime.now(datetime.UTC))
         transaction.on_commit(lambda: cache.agent_tombstone(agent_id, version))
+        transaction.on_commit(lambda: cache.membership_invalidate(coalition_ids))
         realtime.publish_agent_deleted(tenant_id=tenant.id, agent_id=agent_id)
 
 

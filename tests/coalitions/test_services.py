@@ -198,3 +198,17 @@ def test_unknown_coalition_id_is_a_validation_error(tenant):
         coalition_set_status(tenant=tenant, coalition_id=uuid.uuid4(), status="active")
     with pytest.raises(ValidationError, match="coalition_id"):
         coalition_set_status(tenant=tenant, coalition_id="not-a-uuid", status="active")
+
+
+def test_deleting_an_agent_invalidates_its_coalitions_membership_sets(
+    tenant, django_capture_on_commit_callbacks
+):
+    from agents.services import agent_delete
+
+    coalition = new_coalition(tenant)
+    agent = factories.make_agent(tenant)
+    coalition_add_member(tenant=tenant, coalition_id=coalition.id, agent_id=agent.id)
+    assert is_coalition_member(tenant=tenant, coalition_id=coalition.id, agent_id=agent.id)
+    with django_capture_on_commit_callbacks(execute=True):
+        agent_delete(tenant=tenant, agent_id=agent.id)
+    assert not is_coalition_member(tenant=tenant, coalition_id=coalition.id, agent_id=agent.id)
