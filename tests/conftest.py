@@ -11,6 +11,22 @@ def _clean_cache():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _empty_agent_history(request, django_db_blocker):
+    """Transactional tests commit history rows, and Django's flush skips the unmanaged
+    (partitioned) agent_history table, so it is emptied here."""
+    yield
+    marker = request.node.get_closest_marker("django_db")
+    committed = {"transactional_db", "live_server"} & set(request.fixturenames) or (
+        marker is not None and marker.kwargs.get("transaction")
+    )
+    if committed:
+        from django.db import connection
+
+        with django_db_blocker.unblock(), connection.cursor() as cursor:
+            cursor.execute("TRUNCATE agent_history")
+
+
 @pytest.fixture
 def tenant(db):
     """A tenant to own the test's agents and coalitions."""
