@@ -3,9 +3,9 @@
 Recording a point inserts a line-protocol row into metrics_outbox on the caller's
 connection, so it commits or rolls back with the state change it describes, and never
 waits on InfluxDB. `outbox_flush` (the flush_metrics command) ships rows in batches:
-SELECT ... FOR UPDATE SKIP LOCKED, POST, DELETE, COMMIT. Rows are deleted only after
-InfluxDB acknowledged them; a flusher that dies in between leaves them locked by a
-rolled-back transaction, so they are sent again, and overwrite themselves (same
+SELECT ... FOR UPDATE SKIP LOCKED, POST, DELETE, COMMIT. The DELETE runs and commits
+only after InfluxDB acknowledged the batch; a flusher that dies in between never
+commits it, so the rows are sent again, and overwrite themselves in InfluxDB (same
 measurement, tags and timestamp).
 
 Cap: when the outbox holds METRICS_OUTBOX_MAX_POINTS points, new points are dropped
@@ -37,20 +37,26 @@ MEMBER_COUNT_NEGATIVE = "member_count: must be a non-negative integer, got {valu
 BATCH_SIZE_RANGE = "batch_size: must be between 1 and 100000, got {value!r}."
 WORKERS_RANGE = "workers: must be between 1 and 16, got {value!r}."
 
-# One statement, so recording adds one round trip per batch. The backlog estimate is
-# the id range (two index probes, no count(*)): an upper bound, exact unless ids were
-# skipped by rolled-back inserts.
+# One statement, so recording adds one round trip per batch. "Full" means the id range
+# max(id) - min(id) + 1 (an upper bound of the backlog, exact unless rolled-back inserts
+# skipped ids) reached the cap, asked as "is any row at least cap ids below the newest":
+# min(id) itself would walk every dead index entry the flusher left at the low end of
+# the index since the last vacuum (half a second after draining a million points),
+# while this scan stops at the first key above the bound.
 _OUTBOX_INSERT_SQL = """
-WITH backlog AS (
-    SELECT COALESCE(max(id) - min(id) + 1, 0) AS n, %b::bigint AS cap FROM metrics_outbox
+WITH state AS (
+    SELECT (
+        SELECT id FROM metrics_outbox
+        WHERE id <= (SELECT max(id) FROM metrics_outbox) - %b::bigint + 1
+        ORDER BY id LIMIT 1
+    ) IS NOT NULL AS is_full
 ), added AS (
     INSERT INTO metrics_outbox (line)
-    SELECT line FROM unnest(%b::text[]) AS line, backlog WHERE backlog.n < backlog.cap
+    SELECT line FROM unnest(%b::text[]) AS line, state WHERE NOT state.is_full
 ), dropped AS (
-    INSERT INTO metrics_outbox_dropped (points)
-    SELECT %b::int FROM backlog WHERE backlog.n >= backlog.cap
+    INSERT INTO metrics_outbox_dropped (points) SELECT %b::int FROM state WHERE state.is_full
 )
-SELECT n >= cap, n FROM backlog
+SELECT is_full FROM state
 """
 
 _FLUSH_SELECT_SQL = """
@@ -78,7 +84,7 @@ class _DropLog:
         self._pending = 0
         self._last = float("-inf")
 
-    def add(self, count: int, backlog: int) -> None:
+    def add(self, count: int) -> None:
         with self._lock:
             self._pending += count
             now = time.monotonic()
@@ -86,9 +92,8 @@ class _DropLog:
                 return
             dropped, self._pending, self._last = self._pending, 0, now
         logger.error(
-            "Metrics outbox is full (%d points, cap METRICS_OUTBOX_MAX_POINTS=%d): dropped %d "
-            "new point(s). Start or fix the flusher (manage.py flush_metrics --follow).",
-            backlog,
+            "Metrics outbox is full (METRICS_OUTBOX_MAX_POINTS=%d): dropped %d new point(s). "
+            "Start or fix the flusher (manage.py flush_metrics --follow).",
             settings.METRICS_OUTBOX_MAX_POINTS,
             dropped,
         )
@@ -107,22 +112,28 @@ def outbox_add(lines: Sequence[str]) -> int:
         cursor.execute(
             _OUTBOX_INSERT_SQL, [settings.METRICS_OUTBOX_MAX_POINTS, list(lines), len(lines)]
         )
-        full, backlog = cursor.fetchone()
+        (full,) = cursor.fetchone()
     if full:
-        _drop_log.add(len(lines), backlog)
+        _drop_log.add(len(lines))
         return 0
     return len(lines)
+
+
+_oversized_warned: set[int] = set()
 
 
 def _dimensions_allowed(size: int) -> bool:
     if size <= settings.METRICS_BELIEF_DIMENSIONS_MAX:
         return True
-    logger.warning(
-        "Belief array of %d elements exceeds METRICS_BELIEF_DIMENSIONS_MAX=%d: "
-        "per-dimension fields not recorded for it.",
-        size,
-        settings.METRICS_BELIEF_DIMENSIONS_MAX,
-    )
+    # Once per size and process: a batch of thousands must not log thousands of lines.
+    if size not in _oversized_warned:
+        _oversized_warned.add(size)
+        logger.warning(
+            "Belief arrays of %d elements exceed METRICS_BELIEF_DIMENSIONS_MAX=%d: "
+            "per-dimension fields are not recorded for them.",
+            size,
+            settings.METRICS_BELIEF_DIMENSIONS_MAX,
+        )
     return False
 
 

@@ -78,7 +78,12 @@ def test_dimension_fields_are_written_when_the_operator_enables_them(tenant, set
     assert (fields["belief_0"], fields["belief_1"]) == ("0.25", "0.75")
 
 
-def test_dimensions_beyond_the_maximum_are_skipped_with_a_warning(tenant, settings, caplog):
+def test_dimensions_beyond_the_maximum_are_skipped_with_a_warning(
+    tenant, settings, caplog, monkeypatch
+):
+    from metrics import services
+
+    monkeypatch.setattr(services, "_oversized_warned", set())
     settings.METRICS_BELIEF_DIMENSIONS = True
     settings.METRICS_BELIEF_DIMENSIONS_MAX = 4
     agent = factories.make_agent(tenant)
