@@ -25,13 +25,27 @@ from coalitions.services import (
     ALLOWED_TRANSITIONS,
     coalition_add_member,
     coalition_create,
+    coalition_member_update,
     coalition_remove_member,
     coalition_set_status,
+    coalition_update,
 )
 
 
 def _timestamp(value) -> str:
     return "" if value is None else timezone.localtime(value).isoformat(timespec="seconds")
+
+
+# Fields of an existing coalition an operator may edit (through coalition_update).
+EDITABLE_FIELDS = (
+    "name",
+    "business_model",
+    "current_capital",
+    "total_revenue",
+    "formation_criteria",
+    "business_config",
+)
+MEMBER_AGENT_FIXED = "agent: remove the member and add the other agent instead."
 
 
 class CoalitionMemberInline(TenantScopedInlineMixin, admin.TabularInline):
@@ -47,8 +61,9 @@ class CoalitionMemberInline(TenantScopedInlineMixin, admin.TabularInline):
         return super().get_queryset(request).select_related("agent").defer("agent__belief_state")
 
     def has_change_permission(self, request, obj=None):
-        # Existing rows are shown read-only: members are added and removed, not edited.
-        return False
+        if obj is not None and obj.status == CoalitionStatus.DISSOLVED:
+            return False
+        return super().has_change_permission(request, obj)
 
     def has_add_permission(self, request, obj):
         if obj is not None and obj.status == CoalitionStatus.DISSOLVED:
@@ -127,7 +142,12 @@ class CoalitionAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
         return super().get_queryset(request).annotate(_member_count=Count("memberships"))
 
     def get_readonly_fields(self, request, obj=None):
-        return flatten_fieldsets(self.fieldsets) if obj is not None else []
+        if obj is None:
+            return []
+        if obj.status == CoalitionStatus.DISSOLVED:
+            return flatten_fieldsets(self.fieldsets)
+        # Status moves only through its buttons and actions (coalition_set_status).
+        return [f for f in flatten_fieldsets(self.fieldsets) if f not in EDITABLE_FIELDS]
 
     def has_delete_permission(self, request, obj=None):
         # Coalitions are dissolved, not deleted: no service deletes one (and refreshes
@@ -182,7 +202,11 @@ class CoalitionAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         if change:
-            return  # every field of an existing coalition is read-only
+            changed = {f: form.cleaned_data[f] for f in form.changed_data if f in EDITABLE_FIELDS}
+            if changed:
+                with service_errors_as_form_errors():
+                    coalition_update(tenant=obj.tenant, coalition_id=obj.pk, **changed)
+            return
         data = form.cleaned_data
         with service_errors_as_form_errors():
             coalition = coalition_create(
@@ -203,8 +227,24 @@ class CoalitionAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
             return super().save_formset(request, form, formset, change)
         coalition = form.instance
         deleted = formset.deleted_forms
-        removed, added = [], []
+        removed, added, changed = [], [], []
         with service_errors_as_form_errors():
+            for member_form in formset.initial_forms:
+                edits = {
+                    f: member_form.cleaned_data[f]
+                    for f in member_form.changed_data
+                    if f in ("role", "contribution_score")
+                }
+                if "agent" in member_form.changed_data:
+                    raise ValidationError({"agent": MEMBER_AGENT_FIXED})
+                if edits and member_form not in deleted:
+                    coalition_member_update(
+                        tenant=coalition.tenant,
+                        coalition_id=coalition.pk,
+                        agent_id=member_form.instance.agent_id,
+                        **edits,
+                    )
+                    changed.append((member_form.instance, list(edits)))
             # Removals first, so an agent removed and re-added in one save works.
             for member_form in formset.initial_forms:
                 if member_form in deleted:
@@ -227,7 +267,11 @@ class CoalitionAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
                         )
                     )
         # What ModelAdmin.construct_change_message reads for the history entry.
-        formset.new_objects, formset.changed_objects, formset.deleted_objects = added, [], removed
+        formset.new_objects, formset.changed_objects, formset.deleted_objects = (
+            added,
+            changed,
+            removed,
+        )
 
     # Actions -------------------------------------------------------------------------
 

@@ -1,14 +1,13 @@
 """Reads of coalitions. Every function takes the tenant and sees only its rows."""
 
 import h3
-from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 
 from agents import cache
 from agents.models import Tenant
 from agents.validators import validate_cell
-from coalitions.models import BusinessModel, Coalition, CoalitionMember
-from coalitions.services import BUSINESS_MODEL_UNKNOWN
+from coalitions.models import Coalition, CoalitionMember
+from coalitions.validators import validate_business_model
 
 # ADR-012's efficient_coalition_query, tenant-scoped, in one round trip. The nearby
 # agents are collected first (idx_agents_location) and their memberships looked up by
@@ -33,14 +32,7 @@ def coalitions_near(*, tenant: Tenant, cell: str, business_model: str) -> list[C
     """Active coalitions of `business_model` with at least 2 members located within
     h3.grid_disk(cell, 2)."""
     validate_cell(cell, field="cell")
-    if business_model not in BusinessModel.values:
-        raise ValidationError(
-            {
-                "business_model": BUSINESS_MODEL_UNKNOWN.format(
-                    value=business_model, allowed=", ".join(BusinessModel.values)
-                )
-            }
-        )
+    validate_business_model(business_model)
     cells = list(h3.grid_disk(cell, 2))
     return list(Coalition.objects.raw(_NEAR_SQL, [cells, tenant.id, tenant.id, business_model]))
 

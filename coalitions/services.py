@@ -9,11 +9,12 @@ from django.utils import timezone
 
 from agents import cache
 from agents.models import Agent, Tenant
+from agents.types import UNSET, Unset
 from coalitions import realtime
-from coalitions.models import BusinessModel, Coalition, CoalitionMember, CoalitionStatus
+from coalitions.models import Coalition, CoalitionMember, CoalitionStatus
+from coalitions.validators import validate_business_model
 from metrics.services import coalition_metrics_record
 
-BUSINESS_MODEL_UNKNOWN = "business_model: {value!r} is not one of {allowed}."
 STATUS_UNKNOWN = "status: {value!r} is not one of {allowed}."
 TRANSITION_NOT_ALLOWED = (
     "status: cannot go from {current} to {target}; allowed: forming -> active -> profitable, "
@@ -27,6 +28,8 @@ DISSOLVED = "status: coalition {coalition_id} is dissolved and cannot change mem
 SCORE_RANGE = "contribution_score: must be a number in -999.99..999.99, got {value!r}."
 ROLE_REQUIRED = "role: must be a non-empty string of at most 50 characters."
 NAME_REQUIRED = "name: must be a non-empty string of at most 255 characters."
+DISSOLVED_FROZEN = "status: coalition {coalition_id} is dissolved and cannot be changed."
+CONFIG_TYPE = "{field}: must be a JSON object or null."
 MONEY_INVALID = "{field}: must be a non-negative amount with at most 13 digits before the point."
 
 ALLOWED_TRANSITIONS = {
@@ -86,14 +89,7 @@ def coalition_create(
     """Create a coalition in status forming. Raises ValidationError naming the field."""
     if not isinstance(name, str) or not 0 < len(name) <= 255:
         raise ValidationError({"name": NAME_REQUIRED})
-    if business_model not in BusinessModel.values:
-        raise ValidationError(
-            {
-                "business_model": BUSINESS_MODEL_UNKNOWN.format(
-                    value=business_model, allowed=", ".join(BusinessModel.values)
-                )
-            }
-        )
+    validate_business_model(business_model)
     capital = _money("initial_capital", initial_capital)
     return Coalition.objects.create(
         tenant=tenant,
@@ -136,6 +132,78 @@ def coalition_add_member(
         _invalidate_members_on_commit(coalition.id)
         coalition_metrics_record(coalition=coalition)
         realtime.publish_member_joined(member)
+    return member
+
+
+def coalition_update(
+    *,
+    tenant: Tenant,
+    coalition_id: uuid.UUID,
+    name: str | Unset = UNSET,
+    business_model: str | Unset = UNSET,
+    current_capital=UNSET,
+    total_revenue=UNSET,
+    formation_criteria: dict | Unset | None = UNSET,
+    business_config: dict | Unset | None = UNSET,
+) -> Coalition:
+    """Change the given fields of a coalition that is not dissolved (status has its own
+    service, coalition_set_status). Raises ValidationError naming the field."""
+    changes = {}
+    if name is not UNSET:
+        if not isinstance(name, str) or not 0 < len(name) <= 255:
+            raise ValidationError({"name": NAME_REQUIRED})
+        changes["name"] = name
+    if business_model is not UNSET:
+        validate_business_model(business_model)
+        changes["business_model"] = business_model
+    if current_capital is not UNSET:
+        changes["current_capital"] = _money("current_capital", current_capital)
+    if total_revenue is not UNSET:
+        changes["total_revenue"] = _money("total_revenue", total_revenue)
+    for field, value in (
+        ("formation_criteria", formation_criteria),
+        ("business_config", business_config),
+    ):
+        if value is not UNSET:
+            if value is not None and not isinstance(value, dict):
+                raise ValidationError({field: CONFIG_TYPE.format(field=field)})
+            changes[field] = value
+    with transaction.atomic():
+        coalition = _locked_coalition(tenant, coalition_id)
+        if coalition.status == CoalitionStatus.DISSOLVED:
+            raise ValidationError({"status": DISSOLVED_FROZEN.format(coalition_id=coalition_id)})
+        for field, value in changes.items():
+            setattr(coalition, field, value)
+        if changes:
+            coalition.save(update_fields=list(changes))
+    return coalition
+
+
+def coalition_member_update(
+    *,
+    tenant: Tenant,
+    coalition_id: uuid.UUID,
+    agent_id: uuid.UUID,
+    role: str | Unset = UNSET,
+    contribution_score=UNSET,
+) -> CoalitionMember:
+    """Change a member's role and/or contribution score."""
+    changes = {}
+    if role is not UNSET:
+        if not isinstance(role, str) or not 0 < len(role) <= 50:
+            raise ValidationError({"role": ROLE_REQUIRED})
+        changes["role"] = role
+    if contribution_score is not UNSET:
+        changes["contribution_score"] = _score(contribution_score)
+    with transaction.atomic():
+        coalition = _locked_coalition(tenant, coalition_id)
+        member = CoalitionMember.objects.filter(coalition=coalition, agent_id=agent_id).first()
+        if member is None:
+            raise ValidationError({"agent_id": NOT_MEMBER.format(agent_id=agent_id)})
+        for field, value in changes.items():
+            setattr(member, field, value)
+        if changes:
+            member.save(update_fields=list(changes))
     return member
 
 

@@ -23,10 +23,13 @@ PASSWORD = "operator-pw"
 
 @pytest.fixture
 def operator_groups(db):
-    """The operator groups, re-made by the data migration's own function (a transactional
-    test's flush deletes the rows the migration made)."""
+    """The operator groups, re-made by the data migrations' own functions (a transactional
+    test's flush deletes the rows the migrations made)."""
     migration = importlib.import_module("agents.migrations.0005_operator_groups")
     migration.create_operator_groups(django_apps, None)
+    importlib.import_module("agents.migrations.0007_editors_change_members").grant(
+        django_apps, None
+    )
     return {name: Group.objects.get(name=name) for name in (OPERATOR_READ_ONLY, OPERATOR_EDITOR)}
 
 

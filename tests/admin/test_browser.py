@@ -124,7 +124,10 @@ def _check_agent_and_overview_pages(browser, base_url: str, world_a) -> None:
     page.screenshot(path=ARTIFACTS / "admin-tenant-overview.png", full_page=True)
 
     page.goto(f"{base_url}/admin/coalitions/coalition/{world_a.coalition.pk}/change/")
-    expect(page.locator("#memberships-group")).to_contain_text("alpha-founder")
+    # Roles are editable now, so the role sits in an input's value, not in the text.
+    expect(page.locator("#memberships-group input[name$='-role']").first).to_have_value(
+        "alpha-founder"
+    )
     page.click("button.coalition-status-active")
     expect(page.locator("ul.messagelist")).to_contain_text("is now active")
     expect(page.locator("button.coalition-status-profitable")).to_be_visible()

@@ -4,6 +4,7 @@ from decimal import Decimal
 import pytest
 
 from agents.admin_scoping import OPERATOR_READ_ONLY
+from coalitions.admin import EDITABLE_FIELDS, MEMBER_AGENT_FIXED
 from coalitions.models import Coalition, CoalitionMember
 from coalitions.selectors import is_coalition_member
 from coalitions.services import MONEY_INVALID, TRANSITION_NOT_ALLOWED
@@ -16,14 +17,25 @@ URL = "/admin/coalitions/coalition/"
 
 
 def _inline(coalition, rows=(), new=(), delete=()) -> dict:
-    """POST data for the members inline: existing `rows`, `new` (agent, role, score)."""
+    """POST data for the change form as it stands, with the members inline: existing
+    `rows`, `new` (agent, role, score)."""
+    coalition.refresh_from_db()
     data = {
+        "name": coalition.name,
+        "business_model": coalition.business_model,
+        "current_capital": coalition.current_capital,
+        "total_revenue": coalition.total_revenue,
+        "formation_criteria": "null",
+        "business_config": "null",
         "memberships-TOTAL_FORMS": len(rows) + len(new),
         "memberships-INITIAL_FORMS": len(rows),
     }
     for i, member in enumerate(rows):
         data[f"memberships-{i}-id"] = member.pk
         data[f"memberships-{i}-coalition"] = coalition.pk
+        data[f"memberships-{i}-agent"] = member.agent_id
+        data[f"memberships-{i}-role"] = member.role
+        data[f"memberships-{i}-contribution_score"] = member.contribution_score
         if member in delete:
             data[f"memberships-{i}-DELETE"] = "on"
     for j, (agent, role, score) in enumerate(new, start=len(rows)):
@@ -47,7 +59,7 @@ def test_the_page_shows_members_roles_scores_capital_and_revenue(editor_a, world
     for text in ("alpha-founder", "12.50", "1234.50", "777.25", "1000.00", "Capital and revenue"):
         assert text in body
     # Status is shown, never a form field: it changes through the service only.
-    assert page.context["adminform"].form.fields == {}
+    assert set(page.context["adminform"].form.fields) == set(EDITABLE_FIELDS)
     assert '<div class="readonly">Forming</div>' in body
 
 
@@ -83,7 +95,7 @@ def test_adding_and_removing_members_goes_through_the_services(
     )
 
 
-def test_existing_members_are_read_only(editor_a, world_a):
+def test_member_roles_and_scores_change_through_the_service(editor_a, world_a):
     coalition = world_a.coalition
     founder = coalition.memberships.get()
     data = _inline(coalition, rows=[founder])
@@ -91,7 +103,41 @@ def test_existing_members_are_read_only(editor_a, world_a):
     data["memberships-0-contribution_score"] = "999"
     assert editor_a.post(f"{URL}{coalition.pk}/change/", data).status_code == 302
     founder.refresh_from_db()
-    assert (founder.role, founder.contribution_score) == ("alpha-founder", Decimal("0"))
+    assert (founder.role, founder.contribution_score) == ("usurper", Decimal("999.00"))
+
+
+def test_a_members_agent_cannot_be_swapped_in_place(editor_a, world_a):
+    coalition = world_a.coalition
+    founder = coalition.memberships.get()
+    data = _inline(coalition, rows=[founder])
+    data["memberships-0-agent"] = world_a.idle_agent.pk
+    page = editor_a.post(f"{URL}{coalition.pk}/change/", data, follow=True)
+    assert MEMBER_AGENT_FIXED in page.content.decode()
+    founder.refresh_from_db()
+    assert founder.agent_id == world_a.agent.pk
+
+
+def test_capital_and_revenue_are_edited_through_the_service(editor_a, world_a):
+    coalition = world_a.coalition
+    data = _inline(coalition)
+    data["total_revenue"] = "250.75"
+    data["name"] = "Renamed"
+    assert editor_a.post(f"{URL}{coalition.pk}/change/", data).status_code == 302
+    coalition.refresh_from_db()
+    assert (coalition.name, coalition.total_revenue) == ("Renamed", Decimal("250.75"))
+    data = _inline(coalition)
+    data["current_capital"] = "-5"
+    page = editor_a.post(f"{URL}{coalition.pk}/change/", data, follow=True)
+    assert "current_capital" in page.content.decode()
+    coalition.refresh_from_db()
+    assert coalition.current_capital == Decimal("0")
+
+
+def test_a_dissolved_coalition_is_read_only(editor_a, world_a):
+    coalition = world_a.coalition
+    Coalition.objects.filter(pk=coalition.pk).update(status="dissolved")
+    page = editor_a.get(f"{URL}{coalition.pk}/change/")
+    assert page.context["adminform"].form.fields == {}
 
 
 def test_status_actions_follow_the_service_rules(editor_a, world_a):

@@ -35,6 +35,7 @@ def test_the_migration_makes_both_operator_groups_and_its_reverse_removes_them()
         "coalitions.add_coalition",
         "coalitions.change_coalition",
         "coalitions.add_coalitionmember",
+        "coalitions.change_coalitionmember",
         "coalitions.delete_coalitionmember",
     }
 

@@ -212,3 +212,73 @@ def test_deleting_an_agent_invalidates_its_coalitions_membership_sets(
     with django_capture_on_commit_callbacks(execute=True):
         agent_delete(tenant=tenant, agent_id=agent.id)
     assert not is_coalition_member(tenant=tenant, coalition_id=coalition.id, agent_id=agent.id)
+
+
+def test_coalition_update_changes_given_fields_only(tenant):
+    from coalitions.services import coalition_update
+
+    coalition = new_coalition(tenant, initial_capital="100")
+    updated = coalition_update(
+        tenant=tenant,
+        coalition_id=coalition.id,
+        name="Bigger bakery",
+        total_revenue="12.5",
+        business_config={"hours": 8},
+    )
+    assert (updated.name, str(updated.total_revenue)) == ("Bigger bakery", "12.50")
+    assert str(updated.current_capital) == "100.00"
+    assert updated.business_config == {"hours": 8}
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"name": ""}, "name"),
+        ({"business_model": "piracy"}, "business_model"),
+        ({"current_capital": "-1"}, "current_capital"),
+        ({"total_revenue": "1e14"}, "total_revenue"),
+        ({"business_config": [1]}, "business_config"),
+    ],
+)
+def test_coalition_update_names_the_invalid_field(tenant, fields, field):
+    from coalitions.services import coalition_update
+
+    coalition = new_coalition(tenant)
+    with pytest.raises(ValidationError) as exc:
+        coalition_update(tenant=tenant, coalition_id=coalition.id, **fields)
+    assert field in exc.value.message_dict
+
+
+def test_dissolved_coalition_cannot_be_updated(tenant, other_tenant):
+    from coalitions.services import coalition_update
+
+    coalition = new_coalition(tenant)
+    with pytest.raises(ValidationError, match="does not exist in tenant"):
+        coalition_update(tenant=other_tenant, coalition_id=coalition.id, name="x")
+    coalition_set_status(tenant=tenant, coalition_id=coalition.id, status="dissolved")
+    with pytest.raises(ValidationError, match="is dissolved and cannot be changed"):
+        coalition_update(tenant=tenant, coalition_id=coalition.id, name="x")
+
+
+def test_member_role_and_score_can_change(tenant):
+    from coalitions.services import coalition_member_update
+
+    coalition = new_coalition(tenant)
+    agent = factories.make_agent(tenant)
+    coalition_add_member(tenant=tenant, coalition_id=coalition.id, agent_id=agent.id)
+    member = coalition_member_update(
+        tenant=tenant,
+        coalition_id=coalition.id,
+        agent_id=agent.id,
+        role="lead",
+        contribution_score=50,
+    )
+    assert (member.role, str(member.contribution_score)) == ("lead", "50.00")
+    with pytest.raises(ValidationError, match="contribution_score"):
+        coalition_member_update(
+            tenant=tenant, coalition_id=coalition.id, agent_id=agent.id, contribution_score=5000
+        )
+    with pytest.raises(ValidationError, match="not a member"):
+        coalition_member_update(
+            tenant=tenant, coalition_id=coalition.id, agent_id=uuid.uuid4(), role="x"
+        )
