@@ -12,7 +12,6 @@ from django.contrib.admin.models import CHANGE, LogEntry
 from django.contrib.admin.utils import flatten_fieldsets, unquote
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
-from django.db.models import Count
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
@@ -27,7 +26,7 @@ from agents.admin_scoping import (
 from agents.api_tokens import api_token_create, api_token_revoke
 from agents.beliefs import belief_summary
 from agents.models import Agent, AgentStatus, ApiToken, OperatorMembership, Tenant
-from agents.selectors import agent_history, agents_near
+from agents.selectors import agent_history, agents_near, tenant_overview
 from agents.services import (
     AgentSpec,
     agent_create,
@@ -37,7 +36,6 @@ from agents.services import (
 )
 from agents.svg import hex_map_svg, neighbourhood_svg
 from agents.types import AgentStateUpdate
-from coalitions.models import Coalition
 from metrics.charts import agent_metrics_chart
 
 NEIGHBOURHOOD_RADIUS = 3
@@ -81,7 +79,7 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
         tenant = self.get_object(request, unquote(object_id))
         if not self.has_view_permission(request, tenant):
             raise PermissionDenied
-        overview = _tenant_overview(tenant)
+        overview = tenant_overview(tenant=tenant)
         context = {
             **self.admin_site.each_context(request),
             "title": f"{tenant}: overview",
@@ -98,35 +96,6 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
             **overview,
         }
         return TemplateResponse(request, "admin/agents/tenant/overview.html", context)
-
-
-def _tenant_overview(tenant: Tenant) -> dict:
-    """Counts for the overview page; four grouped queries, however many agents."""
-    agents = Agent.objects.filter(tenant=tenant)
-    cells = dict(
-        agents.exclude(location_h3=None)
-        .values_list("location_h3")
-        .annotate(n=Count("pk"))
-        .values_list("location_h3", "n")
-    )
-    by_status = dict(agents.values_list("status").annotate(n=Count("pk")).order_by("status"))
-    by_type = dict(agents.values_list("agent_type").annotate(n=Count("pk")).order_by("agent_type"))
-    coalitions = dict(
-        Coalition.objects.filter(tenant=tenant)
-        .values_list("status")
-        .annotate(n=Count("pk"))
-        .order_by("status")
-    )
-    return {
-        "cells": cells,
-        "agent_count": sum(by_status.values()),
-        "located_count": sum(cells.values()),
-        "cell_count": len(cells),
-        "densest": max(cells.values(), default=0),
-        "agents_by_status": sorted(by_status.items()),
-        "agents_by_type": sorted(by_type.items()),
-        "coalitions_by_status": sorted(coalitions.items()),
-    }
 
 
 @admin.register(Agent)

@@ -7,6 +7,7 @@ import logging
 import h3
 from django.core.exceptions import ObjectDoesNotExist
 from django.db import connection
+from django.db.models import Count
 
 from agents import cache
 from agents.encryption import decrypt_array
@@ -14,6 +15,7 @@ from agents.exceptions import BeliefStateError
 from agents.models import Agent, AgentHistory, Tenant
 from agents.types import AgentState, agent_select_list, state_from_row
 from agents.validators import validate_cell, validate_radius
+from coalitions.models import Coalition
 
 logger = logging.getLogger(__name__)
 
@@ -110,3 +112,33 @@ def agent_history(
         }
         for row in rows
     ]
+
+
+def tenant_overview(*, tenant: Tenant) -> dict:
+    """Counts of a tenant's agents per H3 cell, by status and by type, and of its
+    coalitions by status: four grouped queries, however many agents."""
+    agents = Agent.objects.filter(tenant=tenant)
+    cells = dict(
+        agents.exclude(location_h3=None)
+        .values_list("location_h3")
+        .annotate(n=Count("pk"))
+        .values_list("location_h3", "n")
+    )
+    by_status = dict(agents.values_list("status").annotate(n=Count("pk")).order_by("status"))
+    by_type = dict(agents.values_list("agent_type").annotate(n=Count("pk")).order_by("agent_type"))
+    coalitions = dict(
+        Coalition.objects.filter(tenant=tenant)
+        .values_list("status")
+        .annotate(n=Count("pk"))
+        .order_by("status")
+    )
+    return {
+        "cells": cells,
+        "agent_count": sum(by_status.values()),
+        "located_count": sum(cells.values()),
+        "cell_count": len(cells),
+        "densest": max(cells.values(), default=0),
+        "agents_by_status": sorted(by_status.items()),
+        "agents_by_type": sorted(by_type.items()),
+        "coalitions_by_status": sorted(coalitions.items()),
+    }
