@@ -36,7 +36,7 @@ from agents.realtime import (
     CLOSE_UNAUTHENTICATED,
     dumps,
 )
-from agents.ws_auth import SUBPROTOCOL, Principal, query_param
+from agents.ws_auth import SERVER_SEND, SUBPROTOCOL, Principal, query_param
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +275,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         return self._updates.popleft()
 
     async def _write(self) -> None:
-        send = self.base_send
+        # Data frames skip the middleware send wrappers; accept and close keep them.
+        send = self.scope.get(SERVER_SEND) or self.base_send
         loop = asyncio.get_running_loop()
         deadline = None if self.conflate is None else loop.time() + self.conflate
         try:

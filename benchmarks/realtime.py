@@ -1,0 +1,632 @@
+"""Real-time updates end to end: a real ASGI server process, real websocket clients over
+loopback, agent updates driven through the service layer.
+
+    .venv/bin/python benchmarks/realtime.py [--scenarios publish,watchers,dashboards]
+        [--servers uvicorn,daphne] [--watchers 500,1000,2000] [--rate 1000]
+        [--dashboard-rates 100,200,300,500] [--conflate-ms 250] [--duration 15]
+
+Scenarios (docs/BENCH-realtime.md records a run):
+  publish     the publishing path alone: Redis round trips and time to publish one batch
+              of 1,000 updates, naive per-agent channel-layer groups vs one message per batch.
+  watchers    N clients, each on /ws/agents/<its agent>/, while those agents get --rate
+              updates/s in total. Targets: N=1,000 p99 <= 50 ms; N=2,000 held, no errors.
+  dashboards  100 clients on the tenant stream /ws/agents/ at --rate updates/s; then the
+              per-update stream at each of --dashboard-rates (highest with p99 <= 100 ms),
+              then the conflated stream (?conflate=<ms>) at --rate.
+
+Latency is commit -> receive: the message's timestamp is taken in transaction.on_commit,
+the client subtracts it from its clock when the frame arrives (same machine, same clock).
+Server CPU is the server process's user+system time over the measured window; memory per
+connection is (server RSS with all clients connected - RSS before) / N. Client, server,
+driver, PostgreSQL and Redis share the same (small) machine: read the figures with that.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from array import array
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Its own database, Redis database and channel prefix: other benchmarks and test runs
+# on this machine must not see these messages.
+os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/freeagentics_bench_rt")
+os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/12")
+os.environ.setdefault("CHANNEL_PREFIX", "bench-rt")
+os.environ.setdefault("CACHE_KEY_PREFIX", "bench-rt")
+os.environ.setdefault("DATABASE_POOL_MAX_SIZE", "8")
+
+from common import percentile, report, setup  # noqa: E402
+
+CONNECT_CONCURRENCY = 50
+TIMESTAMP = re.compile(rb'"timestamp":([0-9.e+-]+)')
+OVERFLOW = b'{"type":"overflow"'
+# One commit costs ~20 ms on this machine's disk (fsync), so 1,000 updates/s means
+# batches of 50 every 50 ms. Latency is measured from each commit, not from the batch start.
+BATCH_INTERVAL = 0.05
+SETTLE_SECONDS = 3.0
+
+
+# Client process --------------------------------------------------------------------------
+
+
+async def run_clients(args) -> None:
+    import uvloop  # noqa: F401  (the loop policy is set by the caller)
+    from websockets.asyncio.client import connect
+
+    paths = Path(args.paths_file).read_text().split()
+    headers = {"Authorization": f"Bearer {args.token}"}
+    state = {"recording": False, "closed": 0, "dropped": 0, "messages": 0, "frames": 0}
+    latencies = array("d")
+    sockets = []
+    readers = []
+
+    async def reader(ws) -> None:
+        # Timestamps are found with a regex rather than json.loads: on this small machine
+        # the load generator must not be what limits the measurement. A dashboard parses.
+        try:
+            while True:
+                raw = await ws.recv(decode=False)
+                if not state["recording"]:
+                    continue
+                now = time.time()
+                state["frames"] += 1
+                if raw.startswith(OVERFLOW):
+                    state["dropped"] += json.loads(raw)["dropped"]
+                    continue
+                stamps = TIMESTAMP.findall(raw)
+                latencies.extend([now - float(t) for t in stamps])
+                state["messages"] += len(stamps)
+        except Exception:
+            pass
+        if state["recording"]:
+            state["closed"] += 1
+
+    semaphore = asyncio.Semaphore(CONNECT_CONCURRENCY)
+    failed = 0
+
+    async def open_one(path: str):
+        nonlocal failed
+        async with semaphore:
+            try:
+                ws = await connect(
+                    f"{args.url}{path}",
+                    additional_headers=headers,
+                    proxy=None,
+                    compression="deflate" if args.compression else None,
+                    max_size=None,
+                    open_timeout=60,
+                    ping_interval=None,
+                )
+            except Exception:
+                failed += 1
+                return
+            sockets.append(ws)
+            readers.append(asyncio.ensure_future(reader(ws)))
+
+    await asyncio.gather(*(open_one(p) for p in paths))
+    loop = asyncio.get_running_loop()
+    print(f"READY {len(sockets)} {failed}", flush=True)
+    while (line := (await loop.run_in_executor(None, sys.stdin.readline)).strip()) != "GO":
+        if not line:
+            return
+    state["recording"] = True
+    started = time.time()
+    await loop.run_in_executor(None, sys.stdin.readline)
+    state["recording"] = False
+    elapsed = time.time() - started
+    print(
+        json.dumps(
+            {
+                "connected": len(sockets),
+                "failed": failed,
+                "closed": state["closed"],
+                "dropped": state["dropped"],
+                "messages": state["messages"],
+                "frames": state["frames"],
+                "elapsed": elapsed,
+                "latencies": latencies.tolist(),
+            }
+        ),
+        flush=True,
+    )
+    for ws in sockets:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.close(), 2)
+
+
+# Orchestration ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(server: str, port: int) -> list[str]:
+    if server == "uvicorn":
+        return [
+            sys.executable, "-m", "uvicorn", "freeagentics.asgi:application",
+            "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "warning", "--no-access-log",
+            # Browsers negotiate permessage-deflate; compressing each frame per
+            # connection is the dominant cost of fan-out (see docs/BENCH-realtime.md).
+            "--ws-per-message-deflate", "false",
+        ]  # fmt: skip
+    if server == "daphne":
+        return [
+            sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+            "-v", "0", "freeagentics.asgi:application",
+        ]  # fmt: skip
+    raise SystemExit(f"unknown server {server!r}")
+
+
+@contextlib.contextmanager
+def running_server(server: str, log_dir: Path):
+    port = free_port()
+    log_path = log_dir / f"{server}-{port}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            server_command(server, port),
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"{server} exited; see {log_path}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{server} did not start; see {log_path}")
+            time.sleep(0.1)
+        yield proc, f"ws://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Clients:
+    """Client processes, each holding a share of the connections."""
+
+    def __init__(self, url: str, token: str, paths: list[str], processes: int, tmp: Path, args):
+        self.procs = []
+        share = -(-len(paths) // processes)
+        for n in range(processes):
+            chunk = paths[n * share : (n + 1) * share]
+            if not chunk:
+                continue
+            paths_file = tmp / f"paths-{n}.txt"
+            paths_file.write_text("\n".join(chunk))
+            command = [
+                sys.executable, __file__, "client", "--url", url, "--token", token,
+                "--paths-file", str(paths_file),
+            ] + (["--compression"] if args.compression else [])  # fmt: skip
+            self.procs.append(
+                subprocess.Popen(
+                    command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
+                )
+            )
+        self.connected = self.failed = 0
+        for proc in self.procs:
+            _, connected, failed = proc.stdout.readline().split()
+            self.connected += int(connected)
+            self.failed += int(failed)
+
+    def send(self, line: str) -> None:
+        for proc in self.procs:
+            proc.stdin.write(line + "\n")
+            proc.stdin.flush()
+
+    def results(self) -> dict:
+        merged = {"latencies": [], "messages": 0, "frames": 0, "closed": 0, "dropped": 0}
+        elapsed = []
+        for proc in self.procs:
+            result = json.loads(proc.stdout.readline())
+            for key in ("messages", "frames", "closed", "dropped"):
+                merged[key] += result[key]
+            merged["latencies"] += result["latencies"]
+            elapsed.append(result["elapsed"])
+        merged["elapsed"] = max(elapsed)
+        return merged
+
+    def close(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(Exception):
+                proc.stdin.close()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def drive(tenant, agent_ids: list, rate: float, seconds: float, rng) -> tuple[int, float]:
+    """Update agents round-robin at `rate` per second through the batched service, one
+    batch every BATCH_INTERVAL. Returns (updates done, achieved rate)."""
+    import h3
+    import numpy as np
+
+    from agents.services import agents_update_states
+    from agents.types import AgentStateUpdate
+
+    per_batch = max(1, round(rate * BATCH_INTERVAL))
+    interval = per_batch / rate
+    cells = [h3.latlng_to_cell(52.52 + d / 1000, 13.40 + d / 1000, 9) for d in range(64)]
+    beliefs = [rng.dirichlet(np.ones(8)) for _ in range(64)]
+    cursor = done = 0
+    start = next_at = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        batch = []
+        for _ in range(per_batch):
+            n = cursor % len(agent_ids)
+            batch.append(
+                AgentStateUpdate(
+                    agent_ids[n],
+                    energy_level=(cursor // len(agent_ids)) % 100,
+                    location_h3=cells[cursor % 64],
+                    beliefs=beliefs[cursor % 64],
+                )
+            )
+            cursor += 1
+        agents_update_states(tenant=tenant, updates=batch)
+        done += len(batch)
+        next_at += interval
+        delay = next_at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+    return done, done / (time.perf_counter() - start)
+
+
+def measure(server_proc, clients: Clients, tenant, agent_ids, rate, args, rng) -> dict:
+    import psutil
+
+    from agents.realtime import publisher
+
+    server = psutil.Process(server_proc.pid)
+    drive(tenant, agent_ids, rate, SETTLE_SECONDS, rng)
+    publisher.flush()
+    time.sleep(0.5)
+    clients.send("GO")
+    cpu_before = server.cpu_times()
+    client_cpu_before = [psutil.Process(p.pid).cpu_times() for p in clients.procs]
+    driver_cpu_before = psutil.Process().cpu_times()
+    wall = time.perf_counter()
+    driving = time.perf_counter()
+    done, achieved = drive(tenant, agent_ids, rate, args.duration, rng)
+    driving = time.perf_counter() - driving
+    backlog = publisher._backlog
+    flushing = time.perf_counter()
+    flushed = publisher.flush(timeout=60)
+    flushing = time.perf_counter() - flushing
+    time.sleep(1.0)  # let in-flight frames land before the clients stop counting
+    wall = time.perf_counter() - wall
+    cpu_after = server.cpu_times()
+    client_cpu_after = [psutil.Process(p.pid).cpu_times() for p in clients.procs]
+    driver_cpu_after = psutil.Process().cpu_times()
+    clients.send("STOP")
+    result = clients.results()
+
+    def busy(before, after) -> float:
+        return (after.user - before.user + after.system - before.system) / wall
+
+    latencies = result.pop("latencies")
+    return {
+        **result,
+        "updates": done,
+        "achieved_rate": achieved,
+        "server_cpu": busy(cpu_before, cpu_after),
+        "clients_cpu": sum(
+            busy(b, a) for b, a in zip(client_cpu_before, client_cpu_after, strict=True)
+        ),
+        "driver_cpu": busy(driver_cpu_before, driver_cpu_after),
+        "server_rss_mib": server.memory_info().rss / 2**20,
+        "publisher_backlog": backlog,
+        "publisher_flush_s": flushing if flushed else float("inf"),
+        "load_average": os.getloadavg()[0],
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p95_ms": percentile(latencies, 95) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "max_ms": max(latencies, default=float("nan")) * 1000,
+        # Messages of the updates committed in the driving window, per second of it.
+        "delivered_per_s": result["messages"] / driving,
+    }
+
+
+def scenario(server: str, paths: list[str], rate: float, tenant, agent_ids, token, args, rng):
+    """Start a server, connect len(paths) clients, drive `rate` updates/s, measure."""
+    import psutil
+
+    tmp = Path(args.tmp)
+    with running_server(server, tmp) as (proc, url):
+        time.sleep(1.0)
+        rss_before = psutil.Process(proc.pid).memory_info().rss
+        clients = Clients(url, token, paths, args.client_processes, tmp, args)
+        try:
+            time.sleep(1.0)
+            rss_connected = psutil.Process(proc.pid).memory_info().rss
+            result = measure(proc, clients, tenant, agent_ids, rate, args, rng)
+        finally:
+            clients.close()
+    result.update(
+        server=server,
+        connections=clients.connected,
+        connect_failures=clients.failed,
+        rate=rate,
+        kib_per_connection=(rss_connected - rss_before) / 1024 / max(1, clients.connected),
+    )
+    return result
+
+
+def describe(result: dict) -> list[tuple[str, str]]:
+    n = max(1, result["connections"])
+    return [
+        ("server", result["server"]),
+        ("connections (failed)", f"{result['connections']} ({result['connect_failures']})"),
+        ("updates/s asked, done", f"{result['rate']:,.0f}, {result['achieved_rate']:,.0f}"),
+        (
+            "messages delivered/s",
+            f"{result['delivered_per_s']:,.0f} in {result['frames']:,} frames",
+        ),
+        (
+            "commit->receive p50/p95/p99 (max)",
+            f"{result['p50_ms']:.1f} / {result['p95_ms']:.1f} / {result['p99_ms']:.1f} ms "
+            f"({result['max_ms']:.0f} ms)",
+        ),
+        ("dropped (overflow) / closed", f"{result['dropped']:,} / {result['closed']}"),
+        (
+            "server CPU (per connection)",
+            f"{result['server_cpu']:.0%} of a core ({result['server_cpu'] / n * 1e3:.2f} "
+            "milli-core)",
+        ),
+        (
+            "server RSS; per connection",
+            f"{result['server_rss_mib']:.0f} MiB; {result['kib_per_connection']:.1f} KiB",
+        ),
+        (
+            "publisher backlog at end; flush",
+            f"{result['publisher_backlog']} jobs; {result['publisher_flush_s']:.2f} s",
+        ),
+        ("machine load average (1 min)", f"{result['load_average']:.1f}"),
+        (
+            "CPU: clients / driver",
+            f"{result['clients_cpu']:.0%} / {result['driver_cpu']:.0%} of a core",
+        ),
+    ]
+
+
+# The publishing path alone -----------------------------------------------------------------
+
+
+def publish_path(tenant, agent_ids, args) -> list[dict]:
+    """Round trips and wall time to publish one batch of updates: what the service does
+    (one channel-layer message per chunk to the tenant group) against the naive design
+    (one group_send per update to the agent's group and one to the tenant's)."""
+    import numpy as np
+    from channels.layers import channel_layers
+    from redis.asyncio.connection import AbstractConnection
+
+    from agents import realtime
+    from agents.encryption import encrypt_array
+    from agents.realtime import agent_group, tenant_group
+    from agents.selectors import get_agent
+
+    batch = args.publish_batch
+    states = [get_agent(tenant=tenant, agent_id=a) for a in agent_ids[:batch]]
+    sent = {"n": 0}
+    original = AbstractConnection.send_packed_command
+
+    async def counting(self, *a, **k):
+        sent["n"] += 1
+        return await original(self, *a, **k)
+
+    async def run(variant: str) -> dict:
+        layer = channel_layers.make_backend("default")
+        reader = await layer.new_channel()
+        # One listener per group, as a server process watching them would be.
+        await layer.group_add(tenant_group(tenant.id), reader)
+        if variant == "naive":
+            for state in states:
+                await layer.group_add(agent_group(state.id), reader)
+        beliefs = np.full(8, 1 / 8)
+        token = encrypt_array(beliefs)
+        # Built outside the timing: both designs build the same frames once per update.
+        built = realtime._state_batch(
+            str(tenant.id), realtime.EVENT_UPDATED, [(s, beliefs, token) for s in states], 0.0
+        )
+        AbstractConnection.send_packed_command = counting
+        sent["n"] = 0
+        start = time.perf_counter()
+        try:
+            for group, message in built:
+                if variant == "batched":
+                    await layer.group_send(group, message)
+                    continue
+                for agent_id, frame in zip(message["agents"], message["frames"], strict=True):
+                    single = {"type": "agent.update", "frame": frame}
+                    await layer.group_send(agent_group(agent_id), single)
+                    await layer.group_send(group, single)
+            elapsed = time.perf_counter() - start
+        finally:
+            AbstractConnection.send_packed_command = original
+        await layer.flush()
+        return {"variant": variant, "round_trips": sent["n"], "ms": elapsed * 1000}
+
+    def build() -> float:
+        beliefs = np.full(8, 1 / 8)
+        token = encrypt_array(beliefs)
+        start = time.perf_counter()
+        realtime._state_batch(
+            str(tenant.id), realtime.EVENT_UPDATED, [(s, beliefs, token) for s in states], 0.0
+        )
+        return (time.perf_counter() - start) * 1000
+
+    # The naive design overflows its test listener's 100-message capacity; that is expected.
+    logging.getLogger("channels_redis").setLevel(logging.WARNING)
+    results = []
+    for _ in range(args.rounds):
+        for variant in ("naive", "batched"):
+            results.append(asyncio.run(run(variant)))
+        results.append({"variant": "build", "round_trips": 0, "ms": build()})
+    return results
+
+
+# Main ---------------------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scenarios", default="publish,watchers,dashboards")
+    parser.add_argument("--servers", default="uvicorn,daphne")
+    parser.add_argument("--watchers", default="500,1000,2000")
+    parser.add_argument("--rate", type=float, default=1000)
+    parser.add_argument("--dashboards", type=int, default=100)
+    parser.add_argument("--dashboard-agents", type=int, default=1000)
+    parser.add_argument("--dashboard-rates", default="100,200,300,500")
+    parser.add_argument("--conflate-ms", type=int, default=250)
+    parser.add_argument("--duration", type=float, default=15)
+    parser.add_argument("--client-processes", type=int, default=2)
+    parser.add_argument("--compression", action="store_true", help="permessage-deflate")
+    parser.add_argument("--publish-batch", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", default=str(ROOT / "var" / "bench-realtime.json"))
+    parser.add_argument("--tmp", default=str(ROOT / "var" / "bench-realtime"))
+    args = parser.parse_args()
+    Path(args.tmp).mkdir(parents=True, exist_ok=True)
+    setup()
+
+    import numpy as np
+    from django.contrib.auth.models import User  # noqa: F401 (apps loaded)
+
+    from agents.api_tokens import api_token_create
+    from agents.models import Agent, Tenant
+    from agents.services import AgentSpec, agents_bulk_load
+
+    rng = np.random.default_rng(0)
+    scenarios = set(args.scenarios.split(","))
+    servers = args.servers.split(",")
+    watchers = [int(n) for n in args.watchers.split(",")]
+    needed = max([*watchers, args.dashboard_agents, args.publish_batch])
+    tenant, _ = Tenant.objects.get_or_create(slug="bench-realtime", defaults={"name": "Bench RT"})
+    if Agent.objects.filter(tenant=tenant).count() != needed:
+        Agent.objects.filter(tenant=tenant).delete()
+        agents_bulk_load(
+            tenant=tenant,
+            specs=(
+                AgentSpec(name=f"rt{i:05d}", agent_type="bench", beliefs=rng.dirichlet(np.ones(8)))
+                for i in range(needed)
+            ),
+        )
+    agent_ids = list(
+        Agent.objects.filter(tenant=tenant).order_by("name").values_list("id", flat=True)
+    )
+    _, token = api_token_create(tenant=tenant, name="benchmark", can_read_beliefs=True)
+    print(
+        f"{os.cpu_count()} CPUs shared by server, clients, driver, PostgreSQL and Redis; "
+        f"{args.duration:.0f} s measured per run after {SETTLE_SECONDS:.0f} s settling; "
+        f"batches every {BATCH_INTERVAL * 1000:.0f} ms; compression "
+        f"{'on' if args.compression else 'off'}"
+    )
+    results = {"publish": [], "watchers": [], "dashboards": []}
+
+    if "publish" in scenarios:
+        rows = publish_path(tenant, agent_ids, args)
+        results["publish"] = rows
+        by = {v: [r for r in rows if r["variant"] == v] for v in ("naive", "batched", "build")}
+        naive_ms, batched_ms, build_ms = (
+            sorted(r["ms"] for r in by[v])[len(by[v]) // 2] for v in ("naive", "batched", "build")
+        )
+        report(
+            f"Publishing one batch of {args.publish_batch} updates (median of {args.rounds})",
+            [
+                (
+                    "naive: group_send per agent group + tenant group",
+                    f"{by['naive'][0]['round_trips']:,} Redis round trips, send {naive_ms:,.1f} ms",
+                ),
+                (
+                    "batched: one message per 1,000 to the tenant group",
+                    f"{by['batched'][0]['round_trips']:,} Redis round trips, send "
+                    f"{batched_ms:,.1f} ms",
+                ),
+                ("ratio naive / batched (send time)", f"{naive_ms / batched_ms:,.0f}x"),
+                ("building the frames (both designs, once)", f"{build_ms:,.1f} ms"),
+            ],
+        )
+
+    if "watchers" in scenarios:
+        for server in servers:
+            for n in watchers:
+                paths = [f"/ws/agents/{agent_id}/" for agent_id in agent_ids[:n]]
+                result = scenario(server, paths, args.rate, tenant, agent_ids[:n], token, args, rng)
+                result["scenario"] = f"watchers N={n}"
+                results["watchers"].append(result)
+                report(f"Watchers: N={n}, {args.rate:,.0f} updates/s, {server}", describe(result))
+
+    if "dashboards" in scenarios:
+        dash_ids = agent_ids[: args.dashboard_agents]
+        stream = ["/ws/agents/"] * args.dashboards
+        conflated = [f"/ws/agents/?conflate={args.conflate_ms}"] * args.dashboards
+        runs = [(s, stream, args.rate, "per-update") for s in servers]
+        runs += [
+            (servers[0], stream, float(r), "per-update")
+            for r in args.dashboard_rates.split(",")
+            if r
+        ]
+        runs += [(s, conflated, args.rate, f"conflate {args.conflate_ms} ms") for s in servers]
+        for server, paths, rate, mode in runs:
+            result = scenario(server, paths, rate, tenant, dash_ids, token, args, rng)
+            result["scenario"] = f"dashboards {mode}"
+            results["dashboards"].append(result)
+            report(
+                f"Dashboards: {args.dashboards} on the tenant stream, {mode}, "
+                f"{rate:,.0f} updates/s over {len(dash_ids)} agents, {server}",
+                describe(result),
+            )
+        passing = [
+            r["rate"]
+            for r in results["dashboards"]
+            if r["scenario"] == "dashboards per-update"
+            and r["p99_ms"] <= 100
+            and r["dropped"] == 0
+            and r["achieved_rate"] >= 0.95 * r["rate"]
+        ]
+        print(
+            "\nHighest per-update dashboard rate tried with p99 <= 100 ms and nothing dropped: "
+            + (f"{max(passing):,.0f} updates/s" if passing else "none of those tried")
+        )
+
+    Path(args.json).write_text(json.dumps(results, indent=1))
+    print(f"\nFigures written to {args.json}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "client":
+        import uvloop
+
+        client_parser = argparse.ArgumentParser()
+        client_parser.add_argument("role")
+        client_parser.add_argument("--url", required=True)
+        client_parser.add_argument("--token", required=True)
+        client_parser.add_argument("--paths-file", required=True)
+        client_parser.add_argument("--compression", action="store_true")
+        uvloop.run(run_clients(client_parser.parse_args()))
+    else:
+        main()
