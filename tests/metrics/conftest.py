@@ -276,6 +276,16 @@ def influx_v1(settings, influxd, fast_retries):
 
 
 @pytest.fixture
+def influx_v2(settings, victoria, fast_retries):
+    """Settings pointing at VictoriaMetrics through influxdb-client's v2 write API."""
+    settings.INFLUXDB_URL = victoria.url
+    settings.INFLUXDB_API = "v2"
+    settings.INFLUXDB_TOKEN = "not-checked-by-victoria-metrics"
+    settings.INFLUXDB_ORG = "freeagentics"
+    settings.INFLUXDB_BUCKET = "freeagentics_metrics"
+
+
+@pytest.fixture
 def influx_unset(settings):
     """No InfluxDB configured, as in a fresh deployment."""
     settings.INFLUXDB_URL = ""

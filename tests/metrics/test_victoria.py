@@ -17,16 +17,6 @@ from tests import factories
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def influx_v2(settings, victoria, fast_retries):
-    """Settings pointing at VictoriaMetrics through the v2 write API."""
-    settings.INFLUXDB_URL = victoria.url
-    settings.INFLUXDB_API = "v2"
-    settings.INFLUXDB_TOKEN = "not-checked-by-victoria-metrics"
-    settings.INFLUXDB_ORG = "freeagentics"
-    settings.INFLUXDB_BUCKET = "freeagentics_metrics"
-
-
 def _export(victoria, match: str, expected: int) -> list[dict]:
     # VictoriaMetrics makes new samples searchable about a second after it ingests them.
     deadline = time.monotonic() + 30
