@@ -247,6 +247,9 @@ STORAGES = {
 BACKUP_ENCRYPTION_KEY = env_list("BACKUP_ENCRYPTION_KEY")
 BACKUP_TEMP_DIR = os.environ.get("BACKUP_TEMP_DIR") or None
 BACKUP_PG_BIN_DIR = os.environ.get("BACKUP_PG_BIN_DIR", "")
+# pg_dump --compress. Level 1 is ~5x faster than pg_dump's default 6 on this data (mostly
+# ciphertext) for a ~9% larger dump; "6", "9", or "lz4"/"zstd" with pg_dump 16+ also work.
+BACKUP_PG_COMPRESS = os.environ.get("BACKUP_PG_COMPRESS", "1")
 BACKUP_MAINTENANCE_DB = os.environ.get("BACKUP_MAINTENANCE_DB", "postgres")
 BACKUP_NAME_PREFIX = os.environ.get("BACKUP_NAME_PREFIX", "freeagentics")
 BACKUP_REDIS_URL = os.environ.get("BACKUP_REDIS_URL") or REDIS_URL
