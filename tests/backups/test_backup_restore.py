@@ -9,7 +9,7 @@ from django.core.management.base import CommandError
 from django.db import connection
 
 from agents.models import Agent, AgentHistory
-from backups import pgtools, storage
+from backups import pgtools, redisio, storage
 from backups.exceptions import REDIS_NOT_EMPTY, TARGET_IN_USE, TARGET_NOT_EMPTY
 from tests import factories
 from tests.backups.conftest import table_rows
@@ -119,7 +119,9 @@ def test_restore_refuses_non_empty_database_without_yes(backup_dir, sample_data,
     assert table_rows() == before
 
 
-def test_restore_refuses_non_empty_redis_without_yes(backup_dir, db, redis_client, no_rdb):
+def test_restore_refuses_non_empty_redis_without_yes(
+    backup_dir, db, redis_client, no_rdb, settings
+):
     redis_client.set("k", b"v")
     name = make_backup("--no-postgres")
     redis_client.set("later", b"x")
@@ -127,7 +129,9 @@ def test_restore_refuses_non_empty_redis_without_yes(backup_dir, db, redis_clien
     with pytest.raises(CommandError) as excinfo:
         run("restore", name)
 
-    assert str(excinfo.value) == REDIS_NOT_EMPTY.format(target="127.0.0.1:6379/12", keys=2)
+    assert str(excinfo.value) == REDIS_NOT_EMPTY.format(
+        target=redisio.describe(settings.BACKUP_REDIS_URL), keys=2
+    )
     assert redis_client.get("later") == b"x"
 
 
