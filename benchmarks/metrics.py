@@ -22,6 +22,7 @@ shared and noisy.
 import argparse
 import http.client
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -309,6 +310,7 @@ def main():
     finally:
         influxd.stop()
         victoria.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
         settings.METRICS_RECORD = True
         with connection.cursor() as cursor:
             cursor.execute("TRUNCATE metrics_outbox")
