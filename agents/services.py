@@ -176,10 +176,11 @@ def _validated_update(update: AgentStateUpdate):
 def agents_update_states(
     *, tenant: Tenant, updates: Iterable[AgentStateUpdate]
 ) -> list[AgentState]:
-    """Apply many state updates in one transaction and one SQL round trip.
+    """Apply many state updates in one transaction and two statements: one updates the
+    agents and appends their agent_history rows, one writes the metrics outbox.
 
-    Each update changes only the fields it sets, appends an agent_history row, and
-    refreshes the agent's cache entry after commit. All or nothing: an invalid update
+    Each update changes only the fields it sets; after commit, the agents' cache entries
+    are refreshed and the changes published to websocket clients. All or nothing: an invalid update
     or an agent outside the tenant raises ValidationError and nothing is written.
     Returns the new states in input order (beliefs set only where the update set them).
     """
