@@ -4,24 +4,28 @@ fans them out to websocket connections in each server process.
 Publishing. Services call publish_* inside their transaction; the work is registered in
 transaction.on_commit, so a rolled-back write publishes nothing. The callback only
 stamps the commit time and hands the batch to a publisher thread, so a writer never
-waits on Redis. That thread builds each message's JSON once and sends ONE channel-layer
-message per batch (chunked at REALTIME_PUBLISH_CHUNK) to the tenant's group
-`agents.<tenant_id>`, however many agents the batch holds and however many clients watch.
+waits on Redis. That thread builds each message's JSON once and sends ONE message per
+batch (chunked at REALTIME_PUBLISH_CHUNK) to the tenant's group `agents.<tenant_id>`,
+however many agents the batch holds and however many clients watch.
 
 Fan-out. In each server process one Hub is the only member of the tenant groups its
 connections need. It holds the per-agent groups (`agent.<agent_id>`) in process and
 appends the same pre-built frame to the bounded queue of every connection that watches
 the agent or the whole tenant; it never waits on a connection.
 
-Why not one channel-layer group per agent: channels-redis' group_send costs four Redis
-round trips per group, and the receiving process four more per message, so a batch of
-1,000 updates would be ~16,000 round trips instead of ~8 (docs/BENCH-realtime.md).
+Transport. Batches travel on the REALTIME_CHANNEL_LAYER alias: by default channels-redis'
+pub/sub layer (one PUBLISH per batch, pushed to subscribed hubs), else the core layer
+(four round trips per group_send, and a blocking pop plus bookkeeping per message on
+the receiving side). Per-agent channel-layer groups would cost ~8,000 round trips per
+1,000 updates. Coalition events and revocation notices, which reach consumers' own
+channels, use the default layer. Measured in docs/BENCH-realtime.md.
 
 Beliefs never cross Redis in clear: messages carry the same Fernet token PostgreSQL
 stores, and the hub decrypts it only when a connection that may read beliefs asked for them.
 """
 
 import asyncio
+import atexit
 import functools
 import json
 import logging
@@ -269,6 +273,8 @@ class Publisher:
                 ).start()
                 ready.wait()
                 self._pid = os.getpid()
+                # A command that exits right after its last write still announces it.
+                atexit.register(self.flush, 2.0)
         return self._loop
 
     def _run(self, ready: threading.Event) -> None:
@@ -278,21 +284,24 @@ class Publisher:
         loop.run_until_complete(self._main())
 
     async def _main(self) -> None:
-        # A layer of its own: the shared one belongs to the server's event loop.
-        layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
+        # Layers of its own: the shared ones belong to the server's event loop.
+        layers = {
+            BATCH: channel_layers.make_backend(settings.REALTIME_CHANNEL_LAYER),
+            None: channel_layers.make_backend(DEFAULT_CHANNEL_LAYER),
+        }
         while True:
             jobs = [await self._queue.get()]
             while not self._queue.empty():
                 jobs.append(self._queue.get_nowait())
             try:
-                await self._send(layer, jobs)
+                await self._send(layers, jobs)
             finally:
                 with self._lock:
                     self._backlog -= len(jobs)
                 for _ in jobs:
                     self._queue.task_done()
 
-    async def _send(self, layer, jobs: list) -> None:
+    async def _send(self, layers: dict, jobs: list) -> None:
         outgoing: list[tuple[str, dict]] = []
         open_batches: dict[str, dict] = {}
         chunk = settings.REALTIME_PUBLISH_CHUNK
@@ -312,6 +321,7 @@ class Publisher:
                 if message["type"] == BATCH:
                     open_batches[group] = message
         for group, message in outgoing:
+            layer = layers[BATCH] if message["type"] == BATCH else layers[None]
             try:
                 await layer.group_send(group, message)
             except Exception as e:
@@ -434,7 +444,7 @@ class Hub:
             routes = self.tenants.get(tenant_id)
             if routes is None:
                 if self.channel is None:
-                    # The default prefix: channels-redis reads every process-local channel
+                    # The default prefix: the core layer reads every process-local channel
                     # through one blocking pop on "specific.<process>!", and no other.
                     self.channel = await self.layer.new_channel()
                 await self.layer.group_add(tenant_group(tenant_id), self.channel)
@@ -457,8 +467,10 @@ class Hub:
             del self.tenants[tenant_id]
             await self.layer.group_discard(tenant_group(tenant_id), self.channel)
             if not self.tenants and self._receiver is not None:
+                # Cancelling a receive gives the channel up (the pub/sub layer
+                # unsubscribes it), so the next watch starts with a new one.
                 self._receiver.cancel()
-                self._receiver = None
+                self._receiver = self.channel = None
 
     def route(self, message: dict) -> None:
         routes = self.tenants.get(message["tenant"])
@@ -533,7 +545,7 @@ def hub() -> Hub:
     loop = asyncio.get_running_loop()
     current = _hubs.get(loop)
     if current is None:
-        current = _hubs[loop] = Hub(get_channel_layer())
+        current = _hubs[loop] = Hub(get_channel_layer(settings.REALTIME_CHANNEL_LAYER))
     return current
 
 

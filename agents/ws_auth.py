@@ -41,8 +41,11 @@ TENANT_UNKNOWN = "No tenant with slug {slug!r}."
 NO_MEMBERSHIP = "This staff user belongs to no tenant (OperatorMembership)."
 OTHER_TENANT = "This credential may not watch tenant {slug!r}."
 
-# Session users other than superusers need this permission for full beliefs.
-BELIEFS_PERMISSION = "agents.view_agent"
+NO_VIEW_PERMISSION = "This operator may not view agents (permission agents.view_agent)."
+
+# Operators (staff with an OperatorMembership) need it to stream, as to see agents in the
+# admin; with it they may also ask for full beliefs. Superusers always may.
+VIEW_PERMISSION = "agents.view_agent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,11 +118,14 @@ def _session_principal(user, tenant_slug: str | None) -> Principal:
         return _refuse(CLOSE_FORBIDDEN, NO_MEMBERSHIP)
     if tenant_slug and tenant_slug != membership.tenant.slug:
         return _refuse(CLOSE_FORBIDDEN, OTHER_TENANT.format(slug=tenant_slug))
+    # The admin's rule: an operator sees the tenant's agents with this permission only.
+    if not user.has_perm(VIEW_PERMISSION):
+        return _refuse(CLOSE_FORBIDDEN, NO_VIEW_PERMISSION)
     return Principal(
         tenant_id=membership.tenant_id,
         tenant_slug=membership.tenant.slug,
         user_id=user.pk,
-        can_read_beliefs=user.has_perm(BELIEFS_PERMISSION),
+        can_read_beliefs=True,
     )
 
 

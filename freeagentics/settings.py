@@ -322,4 +322,16 @@ REALTIME_PUBLISH_BACKLOG = env_int("REALTIME_PUBLISH_BACKLOG", 10_000)
 CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [
     {"address": REDIS_URL, "socket_timeout": env_int("CHANNEL_LAYER_SOCKET_TIMEOUT", 15)}
 ]
+# Agent update batches travel on channels-redis' pub/sub layer: one PUBLISH per batch,
+# pushed to the subscribed server processes. Pub/sub ignores the Redis database number,
+# so deployments sharing a Redis server need distinct CHANNEL_PREFIX values.
+CHANNEL_LAYERS["realtime"] = {
+    "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+    "CONFIG": {
+        "hosts": CHANNEL_LAYERS["default"]["CONFIG"]["hosts"],
+        "prefix": CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] + ".realtime.",
+    },
+}
+# "default" sends them through the core layer instead (measured in BENCH-realtime.md).
+REALTIME_CHANNEL_LAYER = os.environ.get("REALTIME_CHANNEL_LAYER", "realtime")
 # --- end Realtime ---

@@ -1,19 +1,16 @@
 import contextlib
-import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 from channels.layers import channel_layers
-from django.conf import settings
 
 from agents.api_tokens import api_token_create
+from tests.realtime.helpers import ROOT, server_env
 
-ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30
 STOP_TIMEOUT = 10
 
@@ -56,21 +53,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _server_env(extra: dict) -> dict:
-    db = settings.DATABASES["default"]
-    credentials = quote(db["USER"]) + (f":{quote(db['PASSWORD'])}" if db["PASSWORD"] else "")
-    return {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        # The test database pytest-django made; transactional tests commit into it.
-        "DATABASE_URL": f"postgres://{credentials}@{db['HOST']}:{db['PORT'] or 5432}/{db['NAME']}",
-        "REDIS_URL": settings.REDIS_URL,
-        "CHANNEL_PREFIX": settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"],
-        "CACHE_KEY_PREFIX": os.environ.get("CACHE_KEY_PREFIX", "test"),
-        **extra,
-    }
-
-
 @contextlib.contextmanager
 def running_uvicorn(log_path: Path, **env):
     """uvicorn serving freeagentics.asgi on a free loopback port; yields ws://host:port."""
@@ -90,7 +72,7 @@ def running_uvicorn(log_path: Path, **env):
                 "warning",
             ],
             cwd=ROOT,
-            env=_server_env(env),
+            env=server_env(env),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -2,13 +2,18 @@
 
 import contextlib
 import json
+import os
+from pathlib import Path
+from urllib.parse import quote
 
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.conf import settings
 
 from freeagentics.asgi import application
 
 TIMEOUT = 5
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def bearer(raw: str) -> list[tuple[bytes, bytes]]:
@@ -46,7 +51,6 @@ def db(fn, *args, **kwargs):
 
 def session_headers(user) -> list[tuple[bytes, bytes]]:
     """A Cookie header carrying a logged-in Django session of `user` (synchronous)."""
-    from django.conf import settings
     from django.test import Client
 
     client = Client()
@@ -63,3 +67,19 @@ async def frames_until(comm: WebsocketCommunicator, predicate) -> list[dict]:
         received.append(message)
         if predicate(message):
             return received
+
+
+def server_env(extra: dict) -> dict:
+    """Environment for a subprocess of the project that uses the test database and Redis."""
+    db = settings.DATABASES["default"]
+    credentials = quote(db["USER"]) + (f":{quote(db['PASSWORD'])}" if db["PASSWORD"] else "")
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        # The test database pytest-django made; transactional tests commit into it.
+        "DATABASE_URL": f"postgres://{credentials}@{db['HOST']}:{db['PORT'] or 5432}/{db['NAME']}",
+        "REDIS_URL": settings.REDIS_URL,
+        "CHANNEL_PREFIX": settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"],
+        "CACHE_KEY_PREFIX": os.environ.get("CACHE_KEY_PREFIX", "test"),
+        **extra,
+    }

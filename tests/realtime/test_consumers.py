@@ -346,31 +346,36 @@ async def test_superuser_session_picks_the_tenant(tenant):
         assert await close_code(comm) == CLOSE_NOT_FOUND
 
 
-async def test_operator_session_sees_only_its_tenant(tenant, other_tenant):
-    agent = await db(factories.make_agent, tenant)
+async def make_operator(tenant, *, can_view: bool = True) -> User:
     user = await db(make_user, is_staff=True)
     await db(OperatorMembership.objects.create, user=user, tenant=tenant)
-    headers = await db(session_headers, user)
-    async with communicator("/ws/agents/", headers=headers) as comm:
-        await db(agent_update_state, tenant=tenant, update=energy(agent, 4))
-        assert (await next_json(comm))["agent_id"] == str(agent.id)
+    if can_view:
+        permission = await db(
+            Permission.objects.get, codename="view_agent", content_type__app_label="agents"
+        )
+        await db(user.user_permissions.add, permission)
+    return user
+
+
+async def test_operator_session_sees_only_its_tenant(tenant, other_tenant):
+    agent = await db(factories.make_agent, tenant)
+    headers = await db(session_headers, await make_operator(tenant))
+    async with communicator("/ws/agents/?include_beliefs=1", headers=headers) as comm:
+        beliefs = np.array([0.25, 0.75])
+        await db(
+            agent_update_state, tenant=tenant, update=AgentStateUpdate(agent.id, beliefs=beliefs)
+        )
+        message = await next_json(comm)
+    assert message["agent_id"] == str(agent.id)
+    assert message["data"]["beliefs"] == [0.25, 0.75]
     async with communicator(f"/ws/agents/?tenant={other_tenant.slug}", headers=headers) as comm:
         assert await close_code(comm) == CLOSE_FORBIDDEN
 
 
-async def test_operator_needs_view_agent_for_full_beliefs(tenant):
-    user = await db(make_user, is_staff=True)
-    await db(OperatorMembership.objects.create, user=user, tenant=tenant)
-    headers = await db(session_headers, user)
-    async with communicator("/ws/agents/?include_beliefs=1", headers=headers) as comm:
+async def test_operator_without_view_agent_permission_closes_with_4403(tenant):
+    headers = await db(session_headers, await make_operator(tenant, can_view=False))
+    async with communicator("/ws/agents/", headers=headers) as comm:
         assert await close_code(comm) == CLOSE_FORBIDDEN
-    permission = await db(
-        Permission.objects.get, codename="view_agent", content_type__app_label="agents"
-    )
-    await db(user.user_permissions.add, permission)
-    async with communicator("/ws/agents/?include_beliefs=1", headers=headers) as comm:
-        await comm.send_json_to({"action": "ping"})
-        assert (await next_json(comm))["type"] == "pong"
 
 
 @pytest.mark.parametrize("fields", [{}, {"is_staff": True}])

@@ -3,10 +3,12 @@ tenant's group (the position every server process's hub is in)."""
 
 import asyncio
 import json
+import sys
 
 import numpy as np
 import pytest
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.db import transaction
 
 from agents.encryption import decrypt_array
@@ -21,13 +23,13 @@ from agents.services import (
 )
 from agents.types import AgentStateUpdate
 from tests import factories
-from tests.realtime.helpers import TIMEOUT, db
+from tests.realtime.helpers import ROOT, TIMEOUT, db, server_env
 
 pytestmark = [pytest.mark.anyio, pytest.mark.django_db(transaction=True)]
 
 
 async def listener(tenant):
-    layer = get_channel_layer()
+    layer = get_channel_layer(settings.REALTIME_CHANNEL_LAYER)
     channel = await layer.new_channel()
     await layer.group_add(tenant_group(tenant.id), channel)
 
@@ -159,3 +161,22 @@ async def test_create_and_delete_are_published(tenant):
         "data": {},
         "timestamp": deleted["timestamp"],
     }
+
+
+async def test_a_process_that_exits_right_after_a_write_still_publishes_it(tenant):
+    agent = await db(factories.make_agent, tenant)
+    receive = await listener(tenant)
+    script = (
+        "import uuid, django; django.setup()\n"
+        "from agents.models import Tenant\n"
+        "from agents.services import agent_update_state\n"
+        "from agents.types import AgentStateUpdate\n"
+        f"tenant = Tenant.objects.get(pk='{tenant.id}')\n"
+        f"update = AgentStateUpdate(uuid.UUID('{agent.id}'), energy_level=5)\n"
+        "agent_update_state(tenant=tenant, update=update)\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, cwd=ROOT, env=server_env({})
+    )
+    assert await process.wait() == 0
+    assert [f["data"]["energy_level"] for f in frames(await receive())] == [5]
