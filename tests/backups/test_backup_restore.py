@@ -9,7 +9,7 @@ from django.core.management.base import CommandError
 from django.db import connection
 
 from agents.models import Agent, AgentHistory
-from backups import pgtools, redisio, storage
+from backups import pgtools, redisio, services, storage
 from backups.exceptions import REDIS_NOT_EMPTY, TARGET_IN_USE, TARGET_NOT_EMPTY
 from tests import factories
 from tests.backups.conftest import table_rows
@@ -158,12 +158,37 @@ def test_corrupt_or_truncated_backup_is_refused_and_target_untouched(
     expected = {"truncate": "is truncated", "flip": "is corrupt", "delete": "is missing"}[damage]
     assert f"postgres.dump {expected}" in message
     assert table_rows() == before
+    assert scratch_databases() == []
+
+
+def scratch_databases() -> list[str]:
     with pgtools.maintenance_connection("default") as conn:
-        leftovers = conn.execute(
-            "SELECT datname FROM pg_database WHERE datname LIKE %s",
-            [connection.settings_dict["NAME"][:40] + "\\_\\_%"],
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)",
+            [connection.settings_dict["NAME"][:40] + "__"],
         ).fetchall()
-    assert leftovers == []
+    return [r[0] for r in rows]
+
+
+def test_interrupted_restore_drops_its_copy_and_leaves_the_target(
+    backup_dir, sample_data, no_rdb, monkeypatch
+):
+    name = make_backup("--no-redis")
+    factories.make_tenant(name="Sentinel")
+    before = table_rows()
+    real_pg_restore = services._pg_restore
+
+    def ctrl_c_just_before_the_swap(**kwargs):
+        real_pg_restore(**kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(services, "_pg_restore", ctrl_c_just_before_the_swap)
+
+    with pytest.raises(KeyboardInterrupt):
+        run("restore", name, "--yes", "--skip-redis")
+
+    assert table_rows() == before
+    assert scratch_databases() == []
 
 
 def test_encrypted_backup_is_unreadable_without_its_key(backup_dir, sample_data, no_rdb, settings):
