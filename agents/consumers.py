@@ -195,6 +195,10 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await self.accept(subprotocol)
             await self.close(code=refusal.code, reason=close_reason(refusal.reason))
             return
+        except BaseException:
+            # Redis or the database failed mid-way: leave the hub as we found it.
+            await self.teardown()
+            raise
         await self.accept(subprotocol)
         self._writer = asyncio.ensure_future(self._write())
 

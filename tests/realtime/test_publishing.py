@@ -11,8 +11,16 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import transaction
 
+from agents.beliefs import belief_summary
 from agents.encryption import decrypt_array
-from agents.realtime import BATCH, EVENT_CREATED, EVENT_DELETED, EVENT_UPDATED, tenant_group
+from agents.realtime import (
+    BATCH,
+    EVENT_CREATED,
+    EVENT_DELETED,
+    EVENT_UPDATED,
+    belief_summaries,
+    tenant_group,
+)
 from agents.services import (
     AgentSpec,
     agent_adjust_energy,
@@ -180,3 +188,27 @@ async def test_a_process_that_exits_right_after_a_write_still_publishes_it(tenan
     )
     assert await process.wait() == 0
     assert [f["data"]["energy_level"] for f in frames(await receive())] == [5]
+
+
+def test_batched_belief_summaries_equal_belief_summary_of_each_array():
+    rng = np.random.default_rng(1)
+    arrays = [
+        *(rng.dirichlet(np.ones(8)) for _ in range(5)),
+        np.array([0.0, 0.0]),
+        np.array([0.0, 0.0]),
+        np.array([[1, 2], [3, 0]]),
+        np.array([[0, 5], [3, 0]]),
+        np.array([-1.0, 2.0, 0.5]),
+        np.full((2, 3), 0.5, dtype=np.float32),
+        np.array(0.75),
+        None,
+    ]
+    batched = belief_summaries(arrays)
+    for array, summary in zip(arrays, batched, strict=True):
+        expected = belief_summary(array)
+        if expected is None:
+            assert summary is None
+            continue
+        assert summary.keys() == expected.keys()
+        for key, value in expected.items():
+            assert summary[key] == (pytest.approx(value) if isinstance(value, float) else value)
