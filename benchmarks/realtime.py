@@ -502,7 +502,11 @@ def main():
     parser.add_argument("--dashboards", type=int, default=100)
     parser.add_argument("--dashboard-agents", type=int, default=1000)
     parser.add_argument("--dashboard-rates", default="100,200,300,500")
-    parser.add_argument("--conflate-ms", type=int, default=250)
+    parser.add_argument(
+        "--conflate-ms",
+        default="250,50",
+        help="conflation intervals; the first runs on every server, the others on the first",
+    )
     parser.add_argument("--duration", type=float, default=15)
     parser.add_argument("--client-processes", type=int, default=2)
     parser.add_argument("--compression", action="store_true", help="permessage-deflate")
@@ -602,14 +606,18 @@ def main():
     if "dashboards" in scenarios:
         dash_ids = agent_ids[: args.dashboard_agents]
         stream = ["/ws/agents/"] * args.dashboards
-        conflated = [f"/ws/agents/?conflate={args.conflate_ms}"] * args.dashboards
         runs = [(s, stream, args.rate, "per-update") for s in servers]
         runs += [
             (servers[0], stream, float(r), "per-update")
             for r in args.dashboard_rates.split(",")
             if r
         ]
-        runs += [(s, conflated, args.rate, f"conflate {args.conflate_ms} ms") for s in servers]
+        for n, ms in enumerate(int(m) for m in args.conflate_ms.split(",") if m):
+            conflated = [f"/ws/agents/?conflate={ms}"] * args.dashboards
+            runs += [
+                (s, conflated, args.rate, f"conflate {ms} ms")
+                for s in (servers if n == 0 else servers[:1])
+            ]
         for server, paths, rate, mode in runs:
             result = scenario(server, paths, rate, tenant, dash_ids, token, args, rng)
             result["scenario"] = f"dashboards {mode}"
