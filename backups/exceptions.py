@@ -26,6 +26,7 @@ PARTITION_LOCK_HELD = "Another partition maintenance run holds the lock; this ru
 PARTITION_DROP_NEEDS_YES = "The plan drops {tables}; pass --yes to go ahead (or --dry-run)."
 PARTITION_SETTINGS_INVALID = "premake must be >= 0 and retention must be >= 0 months."
 PARTITION_TABLE_EXISTS = "Table {table} already exists; drop or rename it before restoring it."
+NOTHING_TO_BACK_UP = "Nothing to back up: --no-postgres and --no-redis leave nothing."
 NOTHING_TO_RESTORE = "Nothing to restore: the backup holds no {what}."
 
 

@@ -43,6 +43,7 @@ from backups.crypto import (
     key_for,
 )
 from backups.exceptions import (
+    NOTHING_TO_BACK_UP,
     NOTHING_TO_RESTORE,
     PARTITION_DROP_NEEDS_YES,
     PARTITION_LOCK_HELD,
@@ -260,7 +261,7 @@ def backup_create(
     if (keep or max_age) and not (allow_prune or dry_run):
         raise ValidationError(RETENTION_NEEDS_YES)
     if not (include_postgres or include_redis):
-        raise ValidationError(NOTHING_TO_RESTORE.format(what="PostgreSQL or Redis part"))
+        raise ValidationError(NOTHING_TO_BACK_UP)
     key = encryption_key()
     redis_url = settings.BACKUP_REDIS_URL
     if dry_run:

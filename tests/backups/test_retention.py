@@ -6,7 +6,12 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from backups import storage
-from backups.exceptions import MAX_AGE_INVALID, RETENTION_INVALID, RETENTION_NEEDS_YES
+from backups.exceptions import (
+    MAX_AGE_INVALID,
+    NOTHING_TO_BACK_UP,
+    RETENTION_INVALID,
+    RETENTION_NEEDS_YES,
+)
 from backups.manifest import KIND_FULL, Manifest
 from backups.selectors import backup_list, parse_age
 from backups.services import backups_prune
@@ -125,6 +130,13 @@ def test_backup_dry_run_lists_what_retention_would_delete(backup_dir):
     assert f"Would delete {old[1]}" in out.getvalue()
     assert f"Would delete {old[0]}" not in out.getvalue()
     assert names_left() == set(old)
+
+
+def test_backup_refuses_to_back_up_nothing(backup_dir):
+    with pytest.raises(CommandError) as excinfo:
+        call_command("backup", "--no-redis", "--no-postgres", stdout=StringIO())
+    assert str(excinfo.value) == NOTHING_TO_BACK_UP
+    assert names_left() == set()
 
 
 def test_backup_refuses_a_bad_max_age(backup_dir):
