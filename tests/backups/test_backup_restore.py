@@ -176,13 +176,13 @@ def test_interrupted_restore_drops_its_copy_and_leaves_the_target(
     name = make_backup("--no-redis")
     factories.make_tenant(name="Sentinel")
     before = table_rows()
-    real_pg_restore = services._pg_restore
+    real_pg_restore = services.pg_restore
 
     def ctrl_c_just_before_the_swap(**kwargs):
         real_pg_restore(**kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(services, "_pg_restore", ctrl_c_just_before_the_swap)
+    monkeypatch.setattr(services, "pg_restore", ctrl_c_just_before_the_swap)
 
     with pytest.raises(KeyboardInterrupt):
         run("restore", name, "--yes", "--skip-redis")

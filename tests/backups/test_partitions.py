@@ -11,6 +11,7 @@ from django.db import IntegrityError, connection, transaction
 from agents.models import AgentHistory
 from backups import pgtools
 from backups.exceptions import PARTITION_DROP_NEEDS_YES, PARTITION_LOCK_HELD
+from backups.partitions import PARTITION_LOCK_KEY, partitions_maintain
 from backups.selectors import (
     MARK_ARCHIVED,
     MARK_DETACHED,
@@ -18,7 +19,6 @@ from backups.selectors import (
     backup_list,
     month_start,
 )
-from backups.services import PARTITION_LOCK_KEY, partitions_maintain
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -2,7 +2,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 
 from backups.management.base import progress_for, service_errors
-from backups.services import partitions_maintain
+from backups.partitions import partitions_maintain
 
 
 class Command(BaseCommand):

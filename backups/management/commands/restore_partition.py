@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand
 
 from backups.management.base import progress_for, service_errors
-from backups.services import partition_restore
+from backups.partitions import partition_restore
 
 
 class Command(BaseCommand):

@@ -1,0 +1,419 @@
+"""Writes: monthly partitions of agent_history kept ahead, default-partition rows moved
+out, expired months detached, archived to backup storage, and only then dropped."""
+
+import contextlib
+import datetime
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import django
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import connection, transaction
+from django.utils import timezone
+
+from backups import pgtools, selectors, storage
+from backups.crypto import (
+    ALGORITHM,
+    DEFAULT_CHUNK_SIZE,
+    encryption_key,
+)
+from backups.exceptions import (
+    PARTITION_DROP_NEEDS_YES,
+    PARTITION_LOCK_HELD,
+    PARTITION_SETTINGS_INVALID,
+    PARTITION_TABLE_EXISTS,
+    BackupError,
+)
+from backups.manifest import KIND_PARTITION, FileEntry, Manifest
+from backups.plumbing import (
+    Proc,
+    file_size,
+    new_backup_name,
+    pg_restore,
+    seal_copy,
+    staging_dir,
+    watch,
+)
+from backups.progress import NULL_PROGRESS, Progress
+from backups.selectors import (
+    MARK_ARCHIVED,
+    MARK_DETACHED,
+    MARK_MONTHLY,
+    MARK_RESTORED,
+    PARTITIONED_TABLES,
+    PartitionAction,
+    PartitionedTable,
+    PartitionPlan,
+)
+
+# ---------------------------------------------------------------------------------------
+# Partition maintenance
+
+PARTITION_LOCK_KEY = int.from_bytes(
+    hashlib.sha256(b"freeagentics:maintain_partitions").digest()[:8], "big", signed=True
+)
+
+
+@dataclass
+class PartitionReport:
+    plan: PartitionPlan
+    done: list[PartitionAction] = field(default_factory=list)
+    archives: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    def count(self, kind: str) -> int:
+        return sum(1 for a in self.done if a.kind == kind)
+
+
+@contextlib.contextmanager
+def _maintenance_lock():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [PARTITION_LOCK_KEY])
+        if not cursor.fetchone()[0]:
+            raise ValidationError(PARTITION_LOCK_HELD)
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [PARTITION_LOCK_KEY])
+
+
+def _q(name: str) -> str:
+    return connection.ops.quote_name(name)
+
+
+def _qualified(spec: PartitionedTable, name: str) -> str:
+    return f"{_q(spec.schema)}.{_q(name)}"
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _bounds(month: datetime.date) -> tuple[str, str]:
+    end = selectors.month_start(month, 1)
+    return f"{month.isoformat()} 00:00:00+00", f"{end.isoformat()} 00:00:00+00"
+
+
+def _comment_of(spec: PartitionedTable, name: str) -> tuple[str | None, bool] | None:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT obj_description(c.oid, 'pg_class'), c.relispartition FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+            [spec.schema, name],
+        )
+        return cursor.fetchone()
+
+
+def _create_default(spec: PartitionedTable) -> None:
+    with transaction.atomic(), connection.cursor() as cursor:
+        table = _qualified(spec, spec.default_name)
+        cursor.execute(f"CREATE TABLE {table} PARTITION OF {_qualified(spec, spec.table)} DEFAULT")
+        cursor.execute(f"COMMENT ON TABLE {table} IS {_literal(selectors.MARK_DEFAULT)}")
+
+
+def _create_partition(
+    spec: PartitionedTable, month: datetime.date, *, existing: str | None = None
+) -> int:
+    """Create the month's partition, moving its rows out of the default partition first.
+
+    Creating a partition whose range has rows in the default partition fails (pg_partman's
+    best-known trap). So the new table is built beside the parent, the rows move into it,
+    and it is attached, all in one transaction, with inserts into the default partition
+    blocked meanwhile. existing attaches that table instead of creating one (a restored
+    archive), and leaves its comment alone. Returns the number of rows moved.
+    """
+    start, end = _bounds(month)
+    parent = _qualified(spec, spec.table)
+    table = _qualified(spec, existing or spec.month_name(month))
+    default = _qualified(spec, spec.default_name)
+    column = _q(spec.column)
+    with transaction.atomic(), connection.cursor() as cursor:
+        default_state = _comment_of(spec, spec.default_name)
+        has_default = default_state is not None and default_state[1]
+        if has_default:
+            cursor.execute(f"LOCK TABLE {default} IN SHARE ROW EXCLUSIVE MODE")
+        if existing is None:
+            # Indexes and the primary key come from the parent at ATTACH, built after the load.
+            cursor.execute(
+                f"CREATE TABLE {table} (LIKE {parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS "
+                "INCLUDING STORAGE INCLUDING GENERATED INCLUDING IDENTITY)"
+            )
+        moved = 0
+        if has_default:
+            cursor.execute(
+                "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute "
+                "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+                [f"{spec.schema}.{spec.table}"],
+            )
+            columns = cursor.fetchone()[0]
+            cursor.execute(
+                f"WITH moved AS (DELETE FROM {default} WHERE {column} >= {_literal(start)} "
+                f"AND {column} < {_literal(end)} RETURNING {columns}) "
+                f"INSERT INTO {table} ({columns}) SELECT {columns} FROM moved"
+            )
+            moved = cursor.rowcount
+        cursor.execute(
+            f"ALTER TABLE {parent} ATTACH PARTITION {table} "
+            f"FOR VALUES FROM ({_literal(start)}) TO ({_literal(end)})"
+        )
+        if existing is None:
+            cursor.execute(f"COMMENT ON TABLE {table} IS {_literal(MARK_MONTHLY)}")
+    return moved
+
+
+def _detach_partition(spec: PartitionedTable, name: str) -> None:
+    with transaction.atomic(), connection.cursor() as cursor:
+        state = _comment_of(spec, name)
+        if state is None or state[0] != MARK_MONTHLY or not state[1]:
+            raise BackupError(f"{name} is no longer an attached freeagentics partition.")
+        cursor.execute(
+            f"ALTER TABLE {_qualified(spec, spec.table)} DETACH PARTITION {_qualified(spec, name)}"
+        )
+        cursor.execute(f"COMMENT ON TABLE {_qualified(spec, name)} IS {_literal(MARK_DETACHED)}")
+
+
+def _drop_partition(spec: PartitionedTable, name: str, *, archive: bool) -> bool:
+    with transaction.atomic(), connection.cursor() as cursor:
+        state = _comment_of(spec, name)
+        if state is None or state[1]:
+            return False
+        comment = state[0] or ""
+        archived = comment.startswith(MARK_ARCHIVED + " ")
+        if not archived and not (comment == MARK_DETACHED and not archive):
+            # Archiving is on and has not succeeded: never drop the only copy.
+            return False
+        cursor.execute(f"DROP TABLE {_qualified(spec, name)}")
+    return True
+
+
+def _archive_partition(
+    spec: PartitionedTable, name: str, month: datetime.date, *, progress: Progress
+) -> Manifest:
+    """pg_dump a detached partition into the backup storage, read it back, verify it."""
+    alias = connection.alias
+    server, server_num = pgtools.server_version(alias)
+    pg_dump = pgtools.find_client("pg_dump", server_num // 10000, server)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT count(*) FROM {_qualified(spec, name)}")
+        rows = cursor.fetchone()[0]
+    key = encryption_key()
+    created_at = timezone.now()
+    archive_name = new_backup_name(f"{storage.ARCHIVE_PREFIX}{name}", created_at)
+    file_name = "partition.dump" + (".enc" if key else "")
+    start, end = _bounds(month)
+    try:
+        with staging_dir() as tmp:
+            staging = Path(tmp)
+            dump_path = staging / "partition.dump"
+            proc = Proc(
+                [
+                    pg_dump.path,
+                    "--format=custom",
+                    f"--compress={settings.BACKUP_PG_COMPRESS}",
+                    "--verbose",
+                    f"--table={_q(spec.schema)}.{_q(name)}",
+                    f"--file={dump_path}",
+                ],
+                env=pgtools.libpq_env(alias),
+            )
+            try:
+                with progress.task(f"pg_dump {name}") as task:
+                    watch(proc, task, lambda: file_size(dump_path))
+                    proc.check(f"pg_dump of {name}")
+                    task.update(file_size(dump_path))
+            finally:
+                proc.stop()
+            with progress.task(f"seal {file_name}", file_size(dump_path)) as task:
+                if key:
+                    res = seal_copy(dump_path, staging / file_name, key, gzip_level=None, task=task)
+                else:
+                    size, sha256 = storage.hash_file(dump_path, task)
+                    res = {"size": size, "sha256": sha256}
+            entry = FileEntry(
+                file_name, "partition", encrypted=bool(key), compression="pg_dump", **res
+            )
+            storage.save(storage.object_name(archive_name, file_name), staging / file_name)
+            manifest = Manifest(
+                name=archive_name,
+                kind=KIND_PARTITION,
+                created_at=created_at,
+                django={"version": django.get_version()},
+                files=[entry],
+                postgres={
+                    "server_version": server,
+                    "database": pgtools.settings_dict(alias)["NAME"],
+                    "pg_dump_version": pg_dump.version,
+                    "tables": {f"{spec.schema}.{name}": rows},
+                },
+                partition={
+                    "parent": spec.table,
+                    "table": name,
+                    "column": spec.column,
+                    "from": start,
+                    "to": end,
+                    "rows": rows,
+                },
+                encryption=(
+                    {"algorithm": ALGORITHM, "key_id": key.key_id, "chunk_size": DEFAULT_CHUNK_SIZE}
+                    if key
+                    else None
+                ),
+            )
+            if key:
+                manifest.sign(key)
+            storage.save_bytes(
+                storage.object_name(archive_name, storage.MANIFEST), manifest.to_json(), staging
+            )
+            # Read back what the storage holds before anything may be dropped.
+            storage.fetch_verified(selectors.backup_get(archive_name), file_name, staging)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            storage.delete_backup(archive_name)
+        raise
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(
+            f"COMMENT ON TABLE {_qualified(spec, name)} IS "
+            f"{_literal(MARK_ARCHIVED + ' ' + archive_name)}"
+        )
+    return manifest
+
+
+def partitions_maintain(
+    *,
+    premake: int | None = None,
+    retention_months: int | None = None,
+    archive: bool | None = None,
+    drop: bool | None = None,
+    allow_drop: bool = False,
+    dry_run: bool = False,
+    today: datetime.date | None = None,
+    tables: tuple[PartitionedTable, ...] = PARTITIONED_TABLES,
+    progress: Progress = NULL_PROGRESS,
+) -> PartitionReport:
+    """Keep monthly partitions ahead, empty the default partition, retire expired months.
+
+    Arguments left None come from PARTITION_PREMAKE_MONTHS, PARTITION_RETENTION_MONTHS,
+    PARTITION_ARCHIVE and PARTITION_DROP. The plan is selectors.partition_plan(); it is
+    made again under a session advisory lock, so concurrent runs never interleave, and
+    every step checks its own precondition, so a rerun after a failure resumes. A plan
+    that drops tables needs allow_drop.
+
+    Raises ValidationError (lock held, drops not allowed, bad settings), BackupError and
+    ToolFailedError (an archive failed; the table is kept, detached, for the next run).
+    """
+    premake = settings.PARTITION_PREMAKE_MONTHS if premake is None else premake
+    retention = (
+        settings.PARTITION_RETENTION_MONTHS if retention_months is None else retention_months
+    )
+    archive = settings.PARTITION_ARCHIVE if archive is None else archive
+    drop = settings.PARTITION_DROP if drop is None else drop
+    if premake < 0 or retention < 0:
+        raise ValidationError(PARTITION_SETTINGS_INVALID)
+
+    def make_plan():
+        return selectors.partition_plan(
+            today=today,
+            premake=premake,
+            retention_months=retention,
+            archive=archive,
+            drop=drop,
+            tables=tables,
+        )
+
+    if dry_run:
+        return PartitionReport(plan=make_plan(), dry_run=True)
+    with _maintenance_lock():
+        plan = make_plan()
+        report = PartitionReport(plan=plan)
+        if plan.drops and not allow_drop:
+            raise ValidationError(PARTITION_DROP_NEEDS_YES.format(tables=", ".join(plan.drops)))
+        specs = {spec.table: spec for spec in tables}
+        for action in plan.actions:
+            spec = specs.get(action.parent)
+            if action.kind == "skip":
+                continue
+            if action.kind == "create_default":
+                _create_default(spec)
+            elif action.kind == "create":
+                action.rows = _create_partition(spec, action.month)
+            elif action.kind == "detach":
+                _detach_partition(spec, action.table)
+            elif action.kind == "archive":
+                manifest = _archive_partition(spec, action.table, action.month, progress=progress)
+                action.note = f"as {manifest.name}"
+                action.rows = manifest.partition["rows"]
+                report.archives.append(manifest.name)
+            elif action.kind == "drop" and not _drop_partition(spec, action.table, archive=archive):
+                action.note = "kept: not archived"
+                continue
+            report.done.append(action)
+            progress.note("done: " + action.describe())
+    return report
+
+
+@dataclass
+class PartitionRestoreResult:
+    name: str
+    table: str
+    rows: int
+    attached: bool
+    moved_from_default: int = 0
+
+
+def partition_restore(
+    *,
+    name: str,
+    attach: bool = False,
+    progress: Progress = NULL_PROGRESS,
+) -> PartitionRestoreResult:
+    """Bring an archived partition back into the database, as a table of its old name.
+
+    The archive is verified first, then restored in one transaction. The table is marked
+    "restored", not as a freeagentics partition, so maintenance never retires it again;
+    attach=True also attaches it to its parent (moving any rows of its month out of the
+    default partition). Runs under the maintenance lock.
+
+    Raises ValidationError (table exists, lock held), BackupNotFound,
+    BackupIntegrityError, ToolFailedError.
+    """
+    manifest = selectors.backup_get(name)
+    if manifest.kind != KIND_PARTITION:
+        raise BackupError(f"{manifest.name} is a full backup: use `manage.py restore`.")
+    info = manifest.partition
+    spec = next((s for s in PARTITIONED_TABLES if s.table == info["parent"]), None)
+    if spec is None:
+        raise BackupError(f"{info['parent']} is not a partitioned table this project maintains.")
+    table = info["table"]
+    entry = manifest.file("partition")
+    alias = connection.alias
+    with _maintenance_lock():
+        if selectors.table_exists(spec.schema, table):
+            raise ValidationError(PARTITION_TABLE_EXISTS.format(table=table))
+        server, server_num = pgtools.server_version(alias)
+        dump_major = int(manifest.postgres["pg_dump_version"].split(".")[0])
+        client = pgtools.find_client("pg_restore", max(server_num // 10000, dump_major), server)
+        with staging_dir() as tmp:
+            copy = storage.fetch_verified(manifest, entry.name, Path(tmp), progress)
+            pg_restore(
+                alias=alias,
+                dbname=pgtools.settings_dict(alias)["NAME"],
+                client=client,
+                path=copy.path,
+                entry=entry,
+                jobs=1,
+                progress=progress,
+                single_transaction=True,
+            )
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(
+                f"COMMENT ON TABLE {_qualified(spec, table)} IS "
+                f"{_literal(MARK_RESTORED + ' from ' + manifest.name)}"
+            )
+        moved = 0
+        if attach:
+            month = datetime.date.fromisoformat(info["from"][:10])
+            moved = _create_partition(spec, month, existing=table)
+    return PartitionRestoreResult(manifest.name, table, info["rows"], attach, moved)
