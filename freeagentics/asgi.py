@@ -4,6 +4,7 @@ Serve it with uvicorn (the measured choice, docs/BENCH-realtime.md):
     uvicorn freeagentics.asgi:application --host 127.0.0.1 --port 8000
 """
 
+import gc
 import os
 
 from django.core.asgi import get_asgi_application
@@ -16,6 +17,11 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from agents.routing import websocket_urlpatterns  # noqa: E402
 from agents.ws_auth import RealtimeAuthStack, RealtimeOriginValidator  # noqa: E402
+
+# Everything imported so far lives as long as the process: keep it out of the cyclic
+# garbage collector's full passes, which otherwise stall every websocket of the process
+# (~100 ms per 100,000 tracked objects; docs/BENCH-realtime.md).
+gc.freeze()
 
 application = ProtocolTypeRouter(
     {
