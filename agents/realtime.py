@@ -283,6 +283,7 @@ class Publisher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue | None = None
         self._backlog = 0
+        self._full = False
         self._failing = False
 
     def submit(self, job: Callable[[], list]) -> None:
@@ -290,10 +291,13 @@ class Publisher:
         with self._lock:
             if self._backlog >= settings.REALTIME_PUBLISH_BACKLOG:
                 # Redis is stuck: bound memory, as channels-redis bounds its own queues.
-                logger.warning(
-                    "Real-time publisher backlog full (%d jobs); dropping", self._backlog
-                )
+                if not self._full:
+                    self._full = True
+                    logger.warning(
+                        "Real-time publisher backlog full (%d jobs); dropping", self._backlog
+                    )
                 return
+            self._full = False
             self._backlog += 1
         loop.call_soon_threadsafe(self._queue.put_nowait, job)
 
@@ -422,14 +426,14 @@ class Routes:
     __slots__ = ("agents", "conns", "stream")
 
     def __init__(self):
-        self.conns: set = set()
-        self.stream: set = set()
-        self.agents: dict[str, set] = {}
+        self.conns: set[Connection] = set()
+        self.stream: set[Connection] = set()
+        self.agents: dict[str, set[Connection]] = {}
 
-    def add_agent(self, agent_id: str, conn) -> None:
+    def add_agent(self, agent_id: str, conn: Connection) -> None:
         self.agents.setdefault(agent_id, set()).add(conn)
 
-    def discard_agent(self, agent_id: str, conn) -> None:
+    def discard_agent(self, agent_id: str, conn: Connection) -> None:
         watchers = self.agents.get(agent_id)
         if watchers is not None:
             watchers.discard(conn)
@@ -468,23 +472,23 @@ class Hub:
         self.layer = layer
         self.channel: str | None = None
         self.tenants: dict[str, Routes] = {}
-        self.connections: set = set()
+        self.connections: set[Connection] = set()
         self._lock = asyncio.Lock()
         self._receiver: asyncio.Task | None = None
         self._upkeep: asyncio.Task | None = None
 
-    async def join(self, conn) -> None:
+    async def join(self, conn: Connection) -> None:
         self.connections.add(conn)
         if self._upkeep is None:
             self._upkeep = asyncio.ensure_future(self._upkeep_loop())
 
-    async def leave(self, conn) -> None:
+    async def leave(self, conn: Connection) -> None:
         self.connections.discard(conn)
         if not self.connections and self._upkeep is not None:
             self._upkeep.cancel()
             self._upkeep = None
 
-    async def watch(self, tenant_id: str, conn) -> Routes:
+    async def watch(self, tenant_id: str, conn: Connection) -> Routes:
         """The tenant's routes, with this process in the tenant's group before it returns,
         so an update committed after this call reaches the connection."""
         async with self._lock:
@@ -501,7 +505,7 @@ class Hub:
             routes.conns.add(conn)
             return routes
 
-    async def unwatch(self, tenant_id: str, conn) -> None:
+    async def unwatch(self, tenant_id: str, conn: Connection) -> None:
         """Forget the connection (it has already left its agents' groups)."""
         async with self._lock:
             routes = self.tenants.get(tenant_id)
