@@ -533,6 +533,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 *["--host", args.host, "--port", args.port],
                 # Django's ASGI handler speaks no lifespan protocol; skip the warning.
                 *["--lifespan", "off", "--timeout-graceful-shutdown", "5"],
+                # Compressing every frame cost up to 7x the server CPU in the real-time
+                # benchmark (docs/BENCH-realtime.md).
+                *["--ws-per-message-deflate", "false"],
             ],
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
