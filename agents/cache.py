@@ -102,6 +102,12 @@ def beliefs_key(agent_id) -> str:
     return cache.make_key(f"agent:beliefs:{agent_id}")
 
 
+def _beliefs_key_template() -> str:
+    # cache.make_key costs ~15 us through the cache proxy; a batch of thousands of keys
+    # formats this template instead (same result, see freeagentics.cache_keys).
+    return beliefs_key("{}")
+
+
 def members_key(coalition_id) -> str:
     return cache.make_key(f"coalition:members:{coalition_id}")
 
@@ -170,15 +176,14 @@ def agents_store(entries: Iterable[tuple[object, int, bytes]]) -> None:
 
     def store(redis):
         script = redis.register_script(_CAS_SCRIPT)
+        key = _beliefs_key_template().format
         with redis.pipeline(transaction=False) as pipe:
             for start in range(0, len(entries), CHUNK):
                 chunk = entries[start : start + CHUNK]
                 args = [BELIEFS_TTL]
                 for _, version, value in chunk:
                     args += [version, value]
-                script(
-                    keys=[beliefs_key(agent_id) for agent_id, _, _ in chunk], args=args, client=pipe
-                )
+                script(keys=[key(agent_id) for agent_id, _, _ in chunk], args=args, client=pipe)
             pipe.execute()
 
     guard.call(store, None)

@@ -28,7 +28,8 @@ class Unset:
 UNSET = Unset()
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, like AgentState: callers build thousands per batch.
+@dataclass(slots=True)
 class AgentStateUpdate:
     agent_id: uuid.UUID
     beliefs: np.ndarray | Unset = UNSET
