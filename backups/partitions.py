@@ -36,7 +36,6 @@ from backups.plumbing import (
     staging_dir,
     watch,
 )
-from backups.progress import NULL_PROGRESS, Progress
 from backups.selectors import (
     MARK_ARCHIVED,
     MARK_DETACHED,
@@ -47,6 +46,7 @@ from backups.selectors import (
     PartitionedTable,
     PartitionPlan,
 )
+from freeagentics.progress import NULL_PROGRESS, Progress
 
 # ---------------------------------------------------------------------------------------
 # Partition maintenance

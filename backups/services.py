@@ -56,7 +56,7 @@ from backups.plumbing import (
     staging_dir,
     watch,
 )
-from backups.progress import NULL_PROGRESS, Progress
+from freeagentics.progress import NULL_PROGRESS, Progress
 
 DRILL_DB_PREFIX = "fa_drill_"
 # ---------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from django.core.files.storage import FileSystemStorage, storages
 
 from backups.exceptions import BACKUP_NAME_INVALID, BackupIntegrityError, BackupNotFound
 from backups.manifest import Manifest
-from backups.progress import NULL_PROGRESS, Progress
+from freeagentics.progress import NULL_PROGRESS, Progress
 
 MANIFEST = "manifest.json"
 ARCHIVES_DIR = "archives"

@@ -6,7 +6,7 @@ from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.core.management.base import CommandError
 
 from backups.exceptions import BackupError
-from backups.progress import Progress
+from freeagentics.progress import Progress
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ def test_loads_in_batches_with_progress(tmp_path, tenant):
     out, err = load(write(tmp_path, records), tenant, "--batch-size", "3")
     assert "7 agents loaded" in out
     assert "loading agents" in err
-    assert "7/7" in err
+    assert "7 agents/7 agents" in err
     agent = Agent.objects.get(name="a3")
     assert np.array_equal(agent.belief_state, [0.5, 0.5])
     assert agent.personality_traits == {"x": 3}

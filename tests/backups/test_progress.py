@@ -2,7 +2,7 @@ from io import StringIO
 
 from django.core.management.base import OutputWrapper
 
-from backups.progress import Progress
+from freeagentics.progress import Progress
 
 
 class FakeClock:
@@ -15,7 +15,7 @@ class FakeClock:
 
 def test_log_output_gets_one_line_per_interval(monkeypatch):
     clock = FakeClock()
-    monkeypatch.setattr("backups.progress.time.monotonic", clock)
+    monkeypatch.setattr("freeagentics.progress.time.monotonic", clock)
     out = StringIO()
     progress = Progress(OutputWrapper(out), interval=5.0)
 
@@ -34,7 +34,7 @@ def test_log_output_gets_one_line_per_interval(monkeypatch):
 
 def test_terminal_output_redraws_a_bar_in_place(monkeypatch):
     clock = FakeClock()
-    monkeypatch.setattr("backups.progress.time.monotonic", clock)
+    monkeypatch.setattr("freeagentics.progress.time.monotonic", clock)
     out = StringIO()
     progress = Progress(OutputWrapper(out), tty=True)
 

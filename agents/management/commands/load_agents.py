@@ -59,7 +59,9 @@ class Command(BaseCommand):
             raise CommandError(f"{path} is not a readable file.")
         with path.open() as lines:
             total = sum(1 for line in lines if line.strip())
-        progress = Progress(self.stderr, total=total, label="loading agents")
+        progress = Progress(self.stderr, verbosity=options["verbosity"]).task(
+            "loading agents", total, unit="agents"
+        )
         try:
             loaded = agents_bulk_load(
                 tenant=owner, specs=_specs(path), batch_size=batch_size, on_batch=progress.advance

@@ -20,7 +20,9 @@ class Command(BaseCommand):
     def handle(self, *args, batch_size, dry_run, **options):
         if batch_size < 1:
             raise CommandError("--batch-size must be at least 1.")
-        progress = Progress(self.stderr, total=count_encrypted_rows(), label="rotating")
+        progress = Progress(self.stderr, verbosity=options["verbosity"]).task(
+            "rotating", count_encrypted_rows(), unit="rows"
+        )
         try:
             counts = encryption_keys_rotate(
                 batch_size=batch_size, dry_run=dry_run, on_batch=progress.advance

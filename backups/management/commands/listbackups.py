@@ -1,8 +1,8 @@
 from django.core.management.base import BaseCommand
 
 from backups.management.base import service_errors
-from backups.progress import human_bytes
 from backups.selectors import backup_list
+from freeagentics.progress import human_bytes
 
 
 class Command(BaseCommand):

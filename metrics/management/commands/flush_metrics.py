@@ -41,10 +41,10 @@ class Command(BaseCommand):
             # Finish the batch in flight, then exit: nothing is sent twice needlessly.
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: stop.set())
-        progress = Progress(
-            self.stdout,
-            total=None if options["follow"] else outbox_status().pending,
-            label="metrics points",
+        progress = Progress(self.stdout, verbosity=options["verbosity"]).task(
+            "metrics points",
+            None if options["follow"] else outbox_status().pending,
+            unit="points",
         )
         try:
             report = outbox_flush(
