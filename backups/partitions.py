@@ -15,8 +15,6 @@ from django.utils import timezone
 
 from backups import pgtools, selectors, storage
 from backups.crypto import (
-    ALGORITHM,
-    DEFAULT_CHUNK_SIZE,
     encryption_key,
 )
 from backups.exceptions import (
@@ -29,7 +27,9 @@ from backups.exceptions import (
 from backups.manifest import KIND_PARTITION, FileEntry, Manifest
 from backups.plumbing import (
     Proc,
+    encryption_header,
     file_size,
+    manifest_store,
     new_backup_name,
     pg_restore,
     seal_copy,
@@ -256,17 +256,9 @@ def _archive_partition(
                     "to": end,
                     "rows": rows,
                 },
-                encryption=(
-                    {"algorithm": ALGORITHM, "key_id": key.key_id, "chunk_size": DEFAULT_CHUNK_SIZE}
-                    if key
-                    else None
-                ),
+                encryption=encryption_header(key),
             )
-            if key:
-                manifest.sign(key)
-            storage.save_bytes(
-                storage.object_name(archive_name, storage.MANIFEST), manifest.to_json(), staging
-            )
+            manifest_store(archive_name, manifest, key, staging)
             # Read back what the storage holds before anything may be dropped.
             storage.fetch_verified(selectors.backup_get(archive_name), file_name, staging)
     except BaseException:

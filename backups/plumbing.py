@@ -17,8 +17,9 @@ from pathlib import Path
 
 from django.conf import settings
 
-from backups import pgtools
+from backups import pgtools, storage
 from backups.crypto import (
+    ALGORITHM,
     DEFAULT_CHUNK_SIZE,
     DecryptingReader,
     EncryptingWriter,
@@ -232,3 +233,20 @@ def pg_restore(
         with contextlib.suppress(OSError):
             proc.popen.stdin.close()
         proc.stop()
+
+
+def encryption_header(key) -> dict | None:
+    """The manifest's description of how its files are encrypted (None: they are not)."""
+    if key is None:
+        return None
+    return {"algorithm": ALGORITHM, "key_id": key.key_id, "chunk_size": DEFAULT_CHUNK_SIZE}
+
+
+def manifest_store(name: str, manifest, key, staging: Path) -> str:
+    """Sign (when encrypting) and store a backup's manifest; returns its object name.
+    Written last, so a backup without a manifest is recognisably incomplete."""
+    if key is not None:
+        manifest.sign(key)
+    object_name = storage.object_name(name, storage.MANIFEST)
+    storage.save_bytes(object_name, manifest.to_json(), staging)
+    return object_name

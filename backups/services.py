@@ -25,8 +25,6 @@ from agents.exceptions import BeliefStateError
 from agents.key_rotation import encrypted_columns
 from backups import pgtools, redisio, selectors, storage
 from backups.crypto import (
-    ALGORITHM,
-    DEFAULT_CHUNK_SIZE,
     encryption_key,
     key_for,
 )
@@ -47,7 +45,9 @@ from backups.plumbing import (
     COPY_CHUNK,
     GZIP_LEVEL,
     Proc,
+    encryption_header,
     file_size,
+    manifest_store,
     new_backup_name,
     pg_restore,
     plaintext,
@@ -241,18 +241,9 @@ def backup_create(
                 files=files,
                 postgres=postgres_info,
                 redis=redis_info,
-                encryption=(
-                    {"algorithm": ALGORITHM, "key_id": key.key_id, "chunk_size": DEFAULT_CHUNK_SIZE}
-                    if key
-                    else None
-                ),
+                encryption=encryption_header(key),
             )
-            if key:
-                manifest.sign(key)
-            storage.save_bytes(
-                storage.object_name(name, storage.MANIFEST), manifest.to_json(), staging
-            )
-            saved.append(storage.object_name(name, storage.MANIFEST))
+            saved.append(manifest_store(name, manifest, key, staging))
     except BaseException:
         for proc in procs:
             proc.stop()
