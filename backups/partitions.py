@@ -13,7 +13,7 @@ from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from django.utils import timezone
 
-from backups import pgtools, selectors, storage
+from backups import partition_selectors, pgtools, selectors, storage
 from backups.crypto import (
     encryption_key,
 )
@@ -25,6 +25,16 @@ from backups.exceptions import (
     BackupError,
 )
 from backups.manifest import KIND_PARTITION, FileEntry, Manifest
+from backups.partition_selectors import (
+    MARK_ARCHIVED,
+    MARK_DETACHED,
+    MARK_MONTHLY,
+    MARK_RESTORED,
+    PARTITIONED_TABLES,
+    PartitionAction,
+    PartitionedTable,
+    PartitionPlan,
+)
 from backups.plumbing import (
     Proc,
     encryption_header,
@@ -35,16 +45,6 @@ from backups.plumbing import (
     seal_copy,
     staging_dir,
     watch,
-)
-from backups.selectors import (
-    MARK_ARCHIVED,
-    MARK_DETACHED,
-    MARK_MONTHLY,
-    MARK_RESTORED,
-    PARTITIONED_TABLES,
-    PartitionAction,
-    PartitionedTable,
-    PartitionPlan,
 )
 from freeagentics.progress import NULL_PROGRESS, Progress
 
@@ -93,7 +93,7 @@ def _literal(text: str) -> str:
 
 
 def _bounds(month: datetime.date) -> tuple[str, str]:
-    end = selectors.month_start(month, 1)
+    end = partition_selectors.month_start(month, 1)
     return f"{month.isoformat()} 00:00:00+00", f"{end.isoformat()} 00:00:00+00"
 
 
@@ -111,7 +111,7 @@ def _create_default(spec: PartitionedTable) -> None:
     with transaction.atomic(), connection.cursor() as cursor:
         table = _qualified(spec, spec.default_name)
         cursor.execute(f"CREATE TABLE {table} PARTITION OF {_qualified(spec, spec.table)} DEFAULT")
-        cursor.execute(f"COMMENT ON TABLE {table} IS {_literal(selectors.MARK_DEFAULT)}")
+        cursor.execute(f"COMMENT ON TABLE {table} IS {_literal(partition_selectors.MARK_DEFAULT)}")
 
 
 def _create_partition(
@@ -288,7 +288,7 @@ def partitions_maintain(
     """Keep monthly partitions ahead, empty the default partition, retire expired months.
 
     Arguments left None come from PARTITION_PREMAKE_MONTHS, PARTITION_RETENTION_MONTHS,
-    PARTITION_ARCHIVE and PARTITION_DROP. The plan is selectors.partition_plan(); it is
+    PARTITION_ARCHIVE and PARTITION_DROP. The plan is partition_selectors.partition_plan(); it is
     made again under a session advisory lock, so concurrent runs never interleave, and
     every step checks its own precondition, so a rerun after a failure resumes. A plan
     that drops tables needs allow_drop.
@@ -306,7 +306,7 @@ def partitions_maintain(
         raise ValidationError(PARTITION_SETTINGS_INVALID)
 
     def make_plan():
-        return selectors.partition_plan(
+        return partition_selectors.partition_plan(
             today=today,
             premake=premake,
             retention_months=retention,
@@ -382,7 +382,7 @@ def partition_restore(
     entry = manifest.file("partition")
     alias = connection.alias
     with _maintenance_lock():
-        if selectors.table_exists(spec.schema, table):
+        if partition_selectors.table_exists(spec.schema, table):
             raise ValidationError(PARTITION_TABLE_EXISTS.format(table=table))
         server, server_num = pgtools.server_version(alias)
         dump_major = int(manifest.postgres["pg_dump_version"].split(".")[0])

@@ -11,7 +11,9 @@ ORDER = [
     "README-realtime.md",
     "README-metrics.md",
     "README-operations.md",
+    "README-partitions.md",
     "README-admin.md",
+    "README-reliability.md",
 ]
 
 

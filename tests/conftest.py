@@ -1,7 +1,23 @@
+import os
+
 import pytest
 from django.core.cache import cache
 
 from tests import factories
+from tests.reliability import ReliabilityReport
+
+# Set by the test command for a whole-suite run, whose counts become the README's table.
+RELIABILITY_REPORT_ENV = "FREEAGENTICS_RELIABILITY_REPORT"
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(ReliabilityReport(), "reliability-report")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    report = session.config.pluginmanager.get_plugin("reliability-report")
+    if os.environ.get(RELIABILITY_REPORT_ENV) == "1" and report is not None:
+        report.write()
 
 
 @pytest.fixture(autouse=True)

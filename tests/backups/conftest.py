@@ -14,7 +14,7 @@ from django.db import connection
 
 from agents.models import AgentHistory
 from backups import pgtools
-from backups.selectors import MARK_DEFAULT, MARK_MONTHLY, month_start
+from backups.partition_selectors import MARK_DEFAULT, MARK_MONTHLY, month_start
 from tests import factories
 
 

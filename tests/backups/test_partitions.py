@@ -11,14 +11,14 @@ from django.db import IntegrityError, connection, transaction
 from agents.models import AgentHistory
 from backups import pgtools
 from backups.exceptions import PARTITION_DROP_NEEDS_YES, PARTITION_LOCK_HELD
-from backups.partitions import PARTITION_LOCK_KEY, partitions_maintain
-from backups.selectors import (
+from backups.partition_selectors import (
     MARK_ARCHIVED,
     MARK_DETACHED,
     MARK_MONTHLY,
-    backup_list,
     month_start,
 )
+from backups.partitions import PARTITION_LOCK_KEY, partitions_maintain
+from backups.selectors import backup_list
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
