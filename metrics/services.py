@@ -36,6 +36,11 @@ logger = logging.getLogger(__name__)
 MEMBER_COUNT_NEGATIVE = "member_count: must be a non-negative integer, got {value!r}."
 BATCH_SIZE_RANGE = "batch_size: must be between 1 and 100000, got {value!r}."
 WORKERS_RANGE = "workers: must be between 1 and 16, got {value!r}."
+RETRIES_RANGE = "retries: must be between 1 and 1000 attempts, got {value!r}."
+
+# The default of METRICS_FLUSH_BACKOFF_MAX_MS: a --follow flusher waits at most this long
+# between attempts, so it starts draining within seconds of InfluxDB's return.
+BACKOFF_MAX_MS_DEFAULT = 5_000
 
 # One statement, so recording adds one round trip per batch. "Full" means the id range
 # max(id) - min(id) + 1 (an upper bound of the backlog, exact unless rolled-back inserts
@@ -268,15 +273,19 @@ class FlushReport:
     failures: int = 0
 
 
-def _backoff_delays():
-    """Exponential backoff with full jitter (AWS's recommendation): many flushers that
-    failed together do not all retry together."""
-    base = settings.METRICS_FLUSH_BACKOFF_BASE_MS / 1000
-    cap = settings.METRICS_FLUSH_BACKOFF_MAX_MS / 1000
-    attempt = 0
-    while True:
-        yield random.uniform(0, min(cap, base * 2**attempt))
-        attempt += 1
+def backoff_ceiling(failures: int) -> float:
+    """Seconds: the longest wait after `failures` consecutive failed attempts,
+    METRICS_FLUSH_BACKOFF_BASE_MS doubling per failure up to METRICS_FLUSH_BACKOFF_MAX_MS."""
+    base = getattr(settings, "METRICS_FLUSH_BACKOFF_BASE_MS", 500) / 1000
+    cap = getattr(settings, "METRICS_FLUSH_BACKOFF_MAX_MS", BACKOFF_MAX_MS_DEFAULT) / 1000
+    # min() on the exponent first: 2**failures overflows a float after a long outage.
+    return min(cap, base * 2 ** min(failures - 1, 64))
+
+
+def _backoff_delay(failures: int) -> float:
+    """Full jitter (AWS's recommendation): many flushers that failed together do not all
+    retry together."""
+    return random.uniform(0, backoff_ceiling(failures))
 
 
 def _ship(rows: list[tuple[int, str]], config) -> list[tuple[str, str]]:
@@ -335,8 +344,9 @@ def outbox_flush(
     """Ship outbox points to InfluxDB and delete them once acknowledged.
 
     One-shot (follow=False): ships the points that existed when it started, then
-    returns; after `retries` consecutive failures (default METRICS_FLUSH_RETRIES) it
-    raises InfluxDBUnavailable and the points stay in the outbox. follow=True: runs
+    returns; after `retries` consecutive failed attempts (default METRICS_FLUSH_RETRIES,
+    1 to 1000; 5 means five requests) it raises InfluxDBUnavailable and the points stay in
+    the outbox. follow=True: runs
     until `stop` is set, polling every `poll_interval` seconds when the outbox is empty
     and retrying failures forever with exponential backoff (capped at
     METRICS_FLUSH_BACKOFF_MAX_MS). `workers` threads, each with its own database
@@ -355,10 +365,13 @@ def outbox_flush(
         raise ValidationError({"batch_size": BATCH_SIZE_RANGE.format(value=batch_size)})
     if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 16:
         raise ValidationError({"workers": WORKERS_RANGE.format(value=workers)})
+    retries = settings.METRICS_FLUSH_RETRIES if retries is None else retries
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 1 <= retries <= 1000:
+        raise ValidationError({"retries": RETRIES_RANGE.format(value=retries)})
     options = {
         "follow": follow,
         "batch_size": batch_size,
-        "retries": settings.METRICS_FLUSH_RETRIES if retries is None else retries,
+        "retries": retries,
         "config": client.load_config(),
         "upto": _NO_LIMIT if follow else _outbox_head(),
         "poll_interval": poll_interval,
@@ -408,7 +421,6 @@ def _flush_worker(
     *, follow, batch_size, retries, config, upto, poll_interval, stop, on_batch
 ) -> FlushReport:
     report = FlushReport()
-    delays = _backoff_delays()
     consecutive, failing_since = 0, None
     while not stop.is_set():
         try:
@@ -419,16 +431,17 @@ def _flush_worker(
             if isinstance(e, DatabaseError) and not connection.in_atomic_block:
                 # A broken connection is replaced on the next use; the batch was rolled back.
                 connection.close_if_unusable_or_obsolete()
-            if not follow and consecutive > retries:
+            # `retries` is the number of attempts: METRICS_FLUSH_RETRIES=5 sends 5 requests.
+            if not follow and consecutive >= retries:
                 raise
             if failing_since is None:
                 failing_since = time.monotonic()
                 logger.warning("Metrics flush failed, retrying with backoff: %s", e)
-            stop.wait(next(delays))
+            stop.wait(_backoff_delay(consecutive))
             continue
         if failing_since is not None:
             logger.warning("Metrics flush recovered after %.0f s", time.monotonic() - failing_since)
-            consecutive, failing_since, delays = 0, None, _backoff_delays()
+            consecutive, failing_since = 0, None
         if shipped:
             if on_batch:
                 on_batch(shipped)

@@ -19,7 +19,9 @@ class Command(BaseCommand):
         )
         parser.add_argument("--batch-size", type=int, help="Points per request (default setting).")
         parser.add_argument(
-            "--retries", type=int, help="One-shot: consecutive failures before giving up."
+            "--retries",
+            type=int,
+            help="One-shot: attempts before giving up (default METRICS_FLUSH_RETRIES).",
         )
         parser.add_argument(
             "--workers", type=int, default=1, help="Flusher threads, each with its own connection."
