@@ -1,20 +1,22 @@
-"""Streaming encryption of backup files with BACKUP_ENCRYPTION_KEY.
+"""Encryption of backup files with BACKUP_ENCRYPTION_KEY: the age format.
 
-Fernet needs a whole message in memory and a dump can be many GiB, so files are cut
-into chunks sealed with AES-256-GCM:
+New files are age v1 (https://age-encryption.org/v1) encrypted to the X25519 recipient of
+the configured identity, so in a disaster Debian's `age -d -i key.txt` decrypts them
+without this application. BACKUP_ENCRYPTION_KEY entries are age identities
+(`AGE-SECRET-KEY-1...`, from `age-keygen`): the first encrypts, all decrypt. The same
+identity string keys the HMAC that authenticates every manifest (see manifest.py), so
+anyone who can write to the storage but holds no key can neither forge nor alter a backup.
 
-    header = MAGIC (8) | chunk size (u32 BE) | key id (8) | salt (16)
-    chunk  = ciphertext length (u32 BE) | AES-GCM(ciphertext + 16-byte tag)
+Entries in the old Fernet format (32 url-safe base64 bytes) still decrypt backups made
+before age, in the old chunked AES-256-GCM format ("FABKENC1" files), and check their
+manifests; they can no longer encrypt.
 
-Each file gets its own key, HKDF-SHA256(master key, salt). The nonce of chunk i is i
-(11 bytes, big endian) followed by a flag byte that is 1 on the last chunk only, and
-the header is every chunk's associated data; so reordered, dropped, appended or
-truncated chunks all fail authentication (the STREAM construction). A file always ends
-with a flagged chunk, possibly empty.
+Files are streamed: writers push plaintext through a pipe to a thread running pyrage's
+streaming encryptor, readers pull plaintext the same way, so no whole file is ever held
+in memory and no plaintext is written to disk.
 
-The master keys are Fernet-format keys (32 url-safe base64 bytes), separate from the
-field keys in FREEAGENTICS_ENCRYPTION_KEYS, so a leaked backup key opens no live data
-and rotating field keys never strands a backup.
+The keys are kept apart from the field keys in FREEAGENTICS_ENCRYPTION_KEYS, so a leaked
+backup key opens no live data and rotating field keys never strands a backup.
 """
 
 import base64
@@ -24,9 +26,11 @@ import hmac
 import io
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pyrage
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -36,18 +40,26 @@ from django.core.exceptions import ImproperlyConfigured
 
 from backups.exceptions import BackupIntegrityError
 
+ALGORITHM = "age-v1/X25519"
+AGE_MAGIC = b"age-encryption.org/v1\n"
+AGE_PREFIX = "AGE-SECRET-KEY-1"
+# The pre-age format, read only:
+#   header = MAGIC (8) | chunk size (u32 BE) | key id (8) | salt (16)
+#   chunk  = ciphertext length (u32 BE) | AES-GCM(ciphertext + 16-byte tag)
+# file key HKDF-SHA256(master, salt); nonce of chunk i = i (11 bytes BE) | final flag.
+LEGACY_ALGORITHM = "AES-256-GCM/STREAM/HKDF-SHA256"
 MAGIC = b"FABKENC1"
 _HEADER = struct.Struct(">8sI8s16s")
 _LEN = struct.Struct(">I")
 TAG_SIZE = 16
-DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
-ALGORITHM = "AES-256-GCM/STREAM/HKDF-SHA256"
+PIPE_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class BackupKey:
-    secret: bytes
+    secret: bytes  # the identity string (age) or the 32 raw bytes (old format)
+    age: bool = True
 
     @property
     def key_id(self) -> str:
@@ -64,20 +76,35 @@ class BackupKey:
         mac_key = self._derive(b"", b"freeagentics-backup manifest v1")
         return hmac.new(mac_key, data, hashlib.sha256).hexdigest()
 
+    @property
+    def identity(self):
+        return pyrage.x25519.Identity.from_str(self.secret.decode("ascii"))
+
+    @property
+    def recipient(self):
+        return self.identity.to_public()
+
 
 def _parse_key(raw: str, index: int) -> BackupKey:
+    raw = raw.strip()
+    if raw.upper().startswith(AGE_PREFIX):
+        try:
+            pyrage.x25519.Identity.from_str(raw)
+        except pyrage.IdentityError:
+            raise ImproperlyConfigured(
+                f"BACKUP_ENCRYPTION_KEY entry {index + 1} is not a valid age identity."
+            ) from None
+        return BackupKey(raw.encode("ascii"))
     try:
         secret = base64.urlsafe_b64decode(raw.encode("ascii"))
     except (binascii.Error, ValueError, UnicodeEncodeError):
         secret = b""
     if len(secret) != 32:
         raise ImproperlyConfigured(
-            f"BACKUP_ENCRYPTION_KEY entry {index + 1} is not a Fernet key (32 url-safe "
-            "base64-encoded bytes); make one with "
-            '`python -c "from cryptography.fernet import Fernet; '
-            'print(Fernet.generate_key().decode())"`.'
+            f"BACKUP_ENCRYPTION_KEY entry {index + 1} is neither an age identity "
+            "(AGE-SECRET-KEY-1..., make one with `age-keygen`) nor an old-format Fernet key."
         )
-    return BackupKey(secret)
+    return BackupKey(secret, age=False)
 
 
 def backup_keys() -> list[BackupKey]:
@@ -96,7 +123,17 @@ def backup_keys() -> list[BackupKey]:
 
 
 def encryption_key() -> BackupKey | None:
+    """The key new backups are encrypted with (None: not encrypted).
+
+    Raises ImproperlyConfigured when the first key is an old-format one, which only reads.
+    """
     keys = backup_keys()
+    if keys and not keys[0].age:
+        raise ImproperlyConfigured(
+            "The first BACKUP_ENCRYPTION_KEY entry is an old-format Fernet key, which only "
+            "decrypts old backups: put an age identity first (`age-keygen`), keep the old key "
+            "after it."
+        )
     return keys[0] if keys else None
 
 
@@ -116,46 +153,157 @@ def key_for(key_id: str) -> BackupKey:
     )
 
 
-def _nonce(index: int, final: bool) -> bytes:
-    return index.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
+# ---------------------------------------------------------------------------------------
+# age, streamed through a pipe and a thread
 
 
-class EncryptingWriter(io.RawIOBase):
-    """A write-only stream that seals what it is given into `sink`. close() writes the end."""
+class _PipeThread:
+    """Runs fn(reader or writer end) in a thread; keeps its error for the other side."""
 
-    def __init__(self, sink, key: BackupKey, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    def __init__(self, fn):
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+
+    def _run(self, fn):
+        try:
+            fn()
+        except BaseException as e:  # handed to the caller's thread by join()
+            self.error = e
+
+    def start(self):
+        self._thread.start()
+
+    def join(self):
+        self._thread.join()
+
+
+class AgeWriter(io.RawIOBase):
+    """A write-only stream that age-encrypts what it is given into `sink`.
+
+    close() finishes the file and raises what the encryptor raised; abort() discards.
+    """
+
+    def __init__(self, sink, key: BackupKey):
         super().__init__()
-        self.sink = sink
-        self.chunk_size = chunk_size
-        salt = os.urandom(16)
-        self.header = _HEADER.pack(MAGIC, chunk_size, bytes.fromhex(key.key_id), salt)
-        self.aead = AESGCM(key.file_key(salt))
-        self.index = 0
-        self.buffer = bytearray()
-        sink.write(self.header)
+        read_fd, write_fd = os.pipe()
+        self._pipe = os.fdopen(write_fd, "wb", buffering=0)
+        source = os.fdopen(read_fd, "rb", buffering=PIPE_CHUNK)
+
+        def encrypt():
+            with source:
+                pyrage.encrypt_io(source, sink, [key.recipient])
+
+        self._worker = _PipeThread(encrypt)
+        self._worker.start()
 
     def writable(self):
         return True
 
     def write(self, data) -> int:
-        self.buffer += data
-        # Strictly greater: the last chunk must stay buffered until close() flags it final.
-        while len(self.buffer) > self.chunk_size:
-            self._seal(bytes(self.buffer[: self.chunk_size]), final=False)
-            del self.buffer[: self.chunk_size]
+        try:
+            self._pipe.write(data)
+        except BrokenPipeError:
+            self._pipe.close()
+            self._worker.join()
+            raise BackupIntegrityError(f"age encryption failed: {self._worker.error}") from None
         return len(data)
-
-    def _seal(self, plaintext: bytes, *, final: bool) -> None:
-        sealed = self.aead.encrypt(_nonce(self.index, final), plaintext, self.header)
-        self.sink.write(_LEN.pack(len(sealed)))
-        self.sink.write(sealed)
-        self.index += 1
 
     def close(self) -> None:
         if not self.closed:
-            self._seal(bytes(self.buffer), final=True)
-            self.buffer.clear()
+            self._pipe.close()
+            self._worker.join()
+            super().close()
+            if self._worker.error is not None:
+                raise BackupIntegrityError(f"age encryption failed: {self._worker.error}")
+
+    def abort(self) -> None:
+        """Stop the encryptor without raising: the file is being thrown away."""
+        if not self.closed:
+            self._pipe.close()
+            self._worker.join()
+            super().close()
+
+
+def _age_identities() -> list:
+    return [k.identity for k in backup_keys() if k.age]
+
+
+def _age_error(e: BaseException) -> BackupIntegrityError:
+    if not _age_identities():
+        return BackupIntegrityError(
+            "The file is age-encrypted and BACKUP_ENCRYPTION_KEY holds no age identity."
+        )
+    return BackupIntegrityError(
+        f"The age-encrypted file does not decrypt with BACKUP_ENCRYPTION_KEY: it is corrupt, "
+        f"truncated, tampered with, or made with another key ({e})."
+    )
+
+
+def age_decrypt_to(source, sink) -> None:
+    """Decrypt an age stream into sink (something with write()); BackupIntegrityError on failure."""
+    identities = _age_identities()
+    if not identities:
+        raise _age_error(None)
+    try:
+        pyrage.decrypt_io(source, sink, identities)
+    except pyrage.DecryptError as e:
+        raise _age_error(e) from e
+
+
+class AgeReader(io.RawIOBase):
+    """A readable stream of an age file's plaintext (for gzip.GzipFile and the like).
+
+    Reaching the end raises BackupIntegrityError if the file failed authentication, so a
+    consumer never mistakes a cut-off stream for a whole one.
+    """
+
+    def __init__(self, source):
+        super().__init__()
+        read_fd, write_fd = os.pipe()
+        self._pipe = os.fdopen(read_fd, "rb", buffering=0)
+        sink = os.fdopen(write_fd, "wb", buffering=0)
+
+        def decrypt():
+            with sink:
+                age_decrypt_to(source, sink)
+
+        self._worker = _PipeThread(decrypt)
+        self._worker.start()
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self._pipe.readinto(buffer)
+        if not n:
+            self._worker.join()
+            if self._worker.error is not None:
+                error = self._worker.error
+                if isinstance(error, BackupIntegrityError):
+                    raise error
+                raise _age_error(error)
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._pipe.close()  # a blocked writer gets EPIPE and ends
+            self._worker.join()
         super().close()
+
+
+def decrypting_reader(source) -> io.RawIOBase:
+    """A readable stream of an encrypted file's plaintext, age or the old format."""
+    head = source.read(len(AGE_MAGIC))
+    source.seek(0)
+    if head == AGE_MAGIC:
+        return AgeReader(source)
+    return DecryptingReader(source)
+
+
+# ---------------------------------------------------------------------------------------
+# The old format, read only
+def _nonce(index: int, final: bool) -> bytes:
+    return index.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
 
 
 def read_header(source) -> tuple[bytes, int, str, bytes]:

@@ -28,6 +28,21 @@ PARTITION_SETTINGS_INVALID = "premake must be >= 0 and retention must be >= 0 mo
 PARTITION_TABLE_EXISTS = "Table {table} already exists; drop or rename it before restoring it."
 NOTHING_TO_BACK_UP = "Nothing to back up: --no-postgres and --no-redis leave nothing."
 NOTHING_TO_RESTORE = "Nothing to restore: the backup holds no {what}."
+# Authentication of manifests (BackupIntegrityError).
+ACCEPT_UNSIGNED_HELP = (
+    "Also accept a backup whose manifest is not signed by BACKUP_ENCRYPTION_KEY. Its origin "
+    "is unproven: anyone who can write to the backup storage could have planted it."
+)
+MANIFEST_UNSIGNED = (
+    "{name}: the manifest is not signed by BACKUP_ENCRYPTION_KEY, so anyone able to write to "
+    "the backup storage could have made it. Refused; pass --accept-unsigned-backup only if "
+    "you know where it came from."
+)
+MANIFEST_FORGED = (
+    "{name}: the manifest signature does not match BACKUP_ENCRYPTION_KEY; it was altered, "
+    "forged, or written with another key. Refused."
+)
+INTERRUPTED = "Interrupted; {what}."
 
 
 class BackupError(Exception):
@@ -40,6 +55,10 @@ class BackupNotFound(BackupError):
 
 class BackupIntegrityError(BackupError):
     """A manifest or file is missing, truncated, corrupt, or signed by another key."""
+
+
+class UnsignedBackupError(BackupIntegrityError):
+    """A backup key is set and the manifest is not signed with it."""
 
 
 class ToolNotFoundError(BackupError):

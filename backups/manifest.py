@@ -5,6 +5,8 @@ parse, or whose signature does not match, is refused before anything is restored
 """
 
 import datetime
+import hashlib
+import hmac
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -62,12 +64,10 @@ class Manifest:
     def sign(self, key: BackupKey) -> None:
         self.signature = key.sign(self.canonical())
 
-    def check_signature(self, key: BackupKey) -> None:
-        if self.signature is None or self.signature != key.sign(self.canonical()):
-            raise BackupIntegrityError(
-                f"{self.name}: the manifest signature does not match; it was altered or "
-                "written with another key."
-            )
+    def check_signature(self, key: BackupKey) -> bool:
+        return self.signature is not None and hmac.compare_digest(
+            self.signature, key.sign(self.canonical())
+        )
 
     def to_json(self) -> bytes:
         data = self._payload()
@@ -115,3 +115,50 @@ class Manifest:
         if manifest.created_at.tzinfo is None:
             raise BackupIntegrityError(f"{name}: manifest created_at has no time zone.")
         return manifest
+
+
+# ---------------------------------------------------------------------------------------
+# The drill record, drill.json beside a backup's files: written when verify_backup passes,
+# read by retention, which never deletes the newest backup that passed its drill. Signed
+# like the manifest and bound to its exact content, so it can neither be forged nor moved
+# to another backup.
+
+DRILL_FORMAT = "freeagentics-drill"
+
+
+def _drill_payload(manifest: Manifest, verified_at: str, key_id: str | None) -> bytes:
+    data = {
+        "format": DRILL_FORMAT,
+        "backup": manifest.name,
+        "manifest_sha256": hashlib.sha256(manifest.canonical()).hexdigest(),
+        "verified_at": verified_at,
+        "key_id": key_id,
+    }
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def drill_record(manifest: Manifest, verified_at: datetime.datetime, key: BackupKey | None):
+    """The bytes of drill.json for a backup that passed its drill just now."""
+    when = verified_at.isoformat()
+    payload = _drill_payload(manifest, when, key.key_id if key else None)
+    data = json.loads(payload)
+    data["signature"] = key.sign(payload) if key else None
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+def drill_passed(manifest: Manifest, raw: bytes | None, key_for) -> bool:
+    """Whether raw is an authentic drill record of exactly this manifest.
+
+    key_for(key_id) returns the key (raising BackupIntegrityError for an unknown one);
+    an unsigned record counts only when the manifest is unsigned too.
+    """
+    if not raw:
+        return False
+    try:
+        data = json.loads(raw)
+        payload = _drill_payload(manifest, data["verified_at"], data["key_id"])
+        if data["key_id"] is None:
+            return manifest.signature is None and data.get("signature") is None
+        return hmac.compare_digest(data["signature"], key_for(data["key_id"]).sign(payload))
+    except (BackupIntegrityError, KeyError, TypeError, ValueError, UnicodeDecodeError):
+        return False

@@ -9,10 +9,13 @@ database that creates and renames databases).
 
 import functools
 import glob
+import hashlib
 import importlib.util
 import os
 import re
+import secrets
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +42,11 @@ _OPTION_ENV = {
     "passfile": "PGPASSFILE",
     "target_session_attrs": "PGTARGETSESSIONATTRS",
 }
+# Scratch databases of restores and drills: fa_scratch_<host hash>_<pid>_<random>, with a
+# COMMENT marker, so a later run can tell one whose owner died from one still in use.
+SCRATCH_PREFIX = "fa_scratch_"
+SCRATCH_MARKER = "freeagentics scratch database"
+_SCRATCH_RE = re.compile(r"^fa_scratch_([0-9a-f]{8})_(\d+)_[0-9a-f]{8}$")
 _CONNECT_KEYS = {"sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl", "connect_timeout"}
 
 
@@ -239,6 +247,70 @@ def drop_database(conn, name: str) -> None:
     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def create_scratch_database(conn, purpose: str, *, like: str | None = None) -> str:
+    """Create a marked scratch database owned by this process; returns its name."""
+    name = f"{SCRATCH_PREFIX}{_host_tag()}_{os.getpid()}_{secrets.token_hex(4)}"
+    create_database(conn, name, like=like)
+    conn.execute(
+        sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+            sql.Identifier(name),
+            sql.Literal(
+                f"{SCRATCH_MARKER} ({purpose}, pid {os.getpid()} on {socket.gethostname()})"
+            ),
+        )
+    )
+    return name
+
+
+@dataclass(frozen=True)
+class ScratchDatabase:
+    name: str
+    size: int
+    stale: bool
+    note: str
+
+
+def scratch_databases(conn) -> list[ScratchDatabase]:
+    """Every scratch database on the server. Stale: its owner, a process on this host, is gone.
+
+    A scratch database of another host is never called stale: its owner cannot be checked.
+    """
+    rows = conn.execute(
+        "SELECT datname, pg_database_size(oid), "
+        "coalesce(shobj_description(oid, 'pg_database'), '') FROM pg_database "
+        "WHERE starts_with(datname, %s) ORDER BY 1",
+        [SCRATCH_PREFIX],
+    ).fetchall()
+    found = []
+    for name, size, comment in rows:
+        match = _SCRATCH_RE.match(name)
+        if not match:
+            continue
+        host, pid = match.group(1), int(match.group(2))
+        if host != _host_tag():
+            found.append(ScratchDatabase(name, size, False, "made on another host"))
+            continue
+        alive = pid_alive(pid)
+        note = comment or "no marker (its owner died while creating it)"
+        found.append(ScratchDatabase(name, size, not alive, note))
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host has this pid (a recycled pid counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def other_sessions(conn, name: str) -> list[str]:
     rows = conn.execute(
         "SELECT pid, coalesce(nullif(application_name, ''), '?'), usename FROM pg_stat_activity "
@@ -282,6 +354,8 @@ def swap_databases(conn, *, new: str, target: str, previous: str | None) -> None
                     sql.Identifier(new), sql.Identifier(target)
                 )
             )
+            # No longer scratch: a later cleanup must never take it for a leftover.
+            conn.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(sql.Identifier(target)))
     except psycopg.Error as e:
         raise BackupError(f"Cannot put the restored database in place of {target!r}: {e}") from e
 

@@ -3,6 +3,7 @@ progress, sealed (compressed, encrypted, hashed) files, staging folders, pg_rest
 
 import collections
 import contextlib
+import ctypes
 import datetime
 import gzip
 import hashlib
@@ -10,21 +11,18 @@ import io
 import os
 import re
 import secrets
+import shutil
+import signal
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from django.conf import settings
 
 from backups import pgtools, storage
-from backups.crypto import (
-    ALGORITHM,
-    DEFAULT_CHUNK_SIZE,
-    DecryptingReader,
-    EncryptingWriter,
-    iter_decrypted,
-)
+from backups.crypto import ALGORITHM, AgeWriter, decrypting_reader
 from backups.exceptions import (
     BackupIntegrityError,
     ToolFailedError,
@@ -33,35 +31,52 @@ from backups.manifest import FileEntry
 
 COPY_CHUNK = 1024 * 1024
 GZIP_LEVEL = 5
-DRILL_DB_PREFIX = "fa_drill_"
+STAGING_PREFIX = "fa-backup-"
+# Staging folders without an owner pid (made before pids were recorded) count as
+# leftovers once this old.
+STAGING_GRACE = datetime.timedelta(hours=24)
+_PR_SET_PDEATHSIG = 1
 
 
 # ---------------------------------------------------------------------------------------
 # Child processes
 
 
+def _die_with_parent():
+    # Runs in the child before exec: the kernel kills it when this process dies, even by
+    # SIGKILL, so no orphaned pg_dump keeps writing and no pg_restore keeps loading.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class Proc:
-    """A child process whose merged stdout/stderr is drained by a thread (no pipe stalls)."""
+    """A child process whose stderr (and stdout, unless captured) is drained by a thread.
+
+    capture_stdout=True leaves popen.stdout for the caller to read (a dump streamed to
+    the encryptor). The child dies with this process.
+    """
 
     _ITEM_RE = re.compile(r"^pg_(?:restore|dump): (?:creating|processing|dumping contents)")
 
-    def __init__(self, args, *, env=None, stdin=None):
+    def __init__(self, args, *, env=None, stdin=None, capture_stdout=False):
         self.args = [str(a) for a in args]
         self.popen = subprocess.Popen(
             self.args,
             env=env,
             stdin=stdin,
             stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.PIPE if capture_stdout else subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
         )
         self.lines = collections.deque(maxlen=200)
         self.items = 0
         self.last = ""
-        self._reader = threading.Thread(target=self._drain, daemon=True)
+        log = self.popen.stderr if capture_stdout else self.popen.stdout
+        self._reader = threading.Thread(target=self._drain, args=(log,), daemon=True)
         self._reader.start()
 
-    def _drain(self):
-        for raw in self.popen.stdout:
+    def _drain(self, log):
+        for raw in log:
             line = raw.decode("utf-8", "replace").rstrip()
             self.lines.append(line)
             if self._ITEM_RE.match(line):
@@ -120,18 +135,26 @@ class HashingSink:
 
 @contextlib.contextmanager
 def sealed_writer(path: Path, key, *, gzip_level: int | None):
-    """Yield (writer, result); on exit result holds the stored file's size and sha256."""
+    """Yield (writer, result); on exit result holds the stored file's size and sha256.
+
+    With a key, what reaches the disk is age ciphertext only.
+    """
     result = {}
     with open(path, "wb") as raw:
         sink = HashingSink(raw)
-        encrypter = EncryptingWriter(sink, key, DEFAULT_CHUNK_SIZE) if key else None
+        encrypter = AgeWriter(sink, key) if key else None
         inner = encrypter or sink
         compressor = (
             gzip.GzipFile(fileobj=inner, mode="wb", compresslevel=gzip_level, mtime=0)
             if gzip_level
             else None
         )
-        yield compressor or inner, result
+        try:
+            yield compressor or inner, result
+        except BaseException:
+            if encrypter:
+                encrypter.abort()
+            raise
         if compressor:
             compressor.close()
         if encrypter:
@@ -149,13 +172,28 @@ def seal_copy(src: Path, dest: Path, key, *, gzip_level, task) -> dict:
     return result
 
 
+def seal_output(proc: Proc, dest: Path, key, *, gzip_level, task) -> dict:
+    """Seal a child's stdout into dest as it comes (a dump never lands on disk in clear);
+    checks the child's exit status."""
+    try:
+        with sealed_writer(dest, key, gzip_level=gzip_level) as (out, result):
+            while chunk := proc.popen.stdout.read(COPY_CHUNK):
+                out.write(chunk)
+                task.update(task.done + len(chunk), detail=proc.last[:60])
+        proc.wait()
+    except BaseException:
+        proc.stop()
+        raise
+    return result
+
+
 @contextlib.contextmanager
 def plaintext(path: Path, entry: FileEntry):
     """A readable binary stream of a stored file's original content."""
     with open(path, "rb") as fh:
         stream = fh
         if entry.encrypted:
-            stream = io.BufferedReader(DecryptingReader(fh), buffer_size=COPY_CHUNK)
+            stream = io.BufferedReader(decrypting_reader(fh), buffer_size=COPY_CHUNK)
         if entry.compression == "gzip":
             stream = gzip.GzipFile(fileobj=stream, mode="rb")
         try:
@@ -165,7 +203,46 @@ def plaintext(path: Path, entry: FileEntry):
 
 
 def staging_dir():
-    return tempfile.TemporaryDirectory(prefix="fa-backup-", dir=settings.BACKUP_TEMP_DIR)
+    """A private folder for one run, named with its pid so later runs know when it is orphaned."""
+    return tempfile.TemporaryDirectory(
+        prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=settings.BACKUP_TEMP_DIR
+    )
+
+
+def _tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def stale_staging_dirs() -> list[tuple[Path, int]]:
+    """Staging folders of runs that died (their pid is gone), with their size in bytes."""
+    root = Path(settings.BACKUP_TEMP_DIR or tempfile.gettempdir())
+    stale = []
+    cutoff = time.time() - STAGING_GRACE.total_seconds()
+    for path in sorted(root.glob(f"{STAGING_PREFIX}*")):
+        if not path.is_dir() or path.is_symlink():
+            continue
+        owner = path.name[len(STAGING_PREFIX) :].split("-", 1)[0]
+        if owner.isdigit():
+            orphaned = not pgtools.pid_alive(int(owner))
+        else:
+            orphaned = path.stat().st_mtime < cutoff
+        if orphaned:
+            with contextlib.suppress(OSError):
+                stale.append((path, _tree_size(path)))
+    return stale
+
+
+def sweep_staging(progress, *, dry_run: bool = False) -> list[str]:
+    """Remove (or, dry_run, list) the staging folders of crashed runs; says what it removed."""
+    removed = []
+    for path, size in stale_staging_dirs():
+        if dry_run:
+            progress.note(f"Would remove {path} ({size:,} bytes), left by a crashed run.")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            progress.note(f"Removed {path} ({size:,} bytes), left by a crashed run.")
+        removed.append(str(path))
+    return removed
 
 
 def new_backup_name(prefix: str, now: datetime.datetime) -> str:
@@ -220,9 +297,13 @@ def pg_restore(
     # Encrypted: decrypt chunk by chunk into pg_restore's stdin.
     proc = Proc(args, env=env, stdin=subprocess.PIPE)
     try:
-        with progress.task("pg_restore (decrypting)", entry.size) as task, open(path, "rb") as fh:
+        with (
+            progress.task("pg_restore (decrypting)", entry.size) as task,
+            open(path, "rb") as fh,
+            decrypting_reader(fh) as reader,
+        ):
             try:
-                for chunk in iter_decrypted(fh):
+                while chunk := reader.read(COPY_CHUNK):
                     proc.popen.stdin.write(chunk)
                     task.update(fh.tell(), detail=proc.last[:60])
                 proc.popen.stdin.close()
@@ -239,7 +320,7 @@ def encryption_header(key) -> dict | None:
     """The manifest's description of how its files are encrypted (None: they are not)."""
     if key is None:
         return None
-    return {"algorithm": ALGORITHM, "key_id": key.key_id, "chunk_size": DEFAULT_CHUNK_SIZE}
+    return {"algorithm": ALGORITHM, "key_id": key.key_id}
 
 
 def manifest_store(name: str, manifest, key, staging: Path) -> str:

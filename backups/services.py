@@ -40,7 +40,7 @@ from backups.exceptions import (
     BackupIntegrityError,
     DrillFailedError,
 )
-from backups.manifest import KIND_FULL, KIND_PARTITION, FileEntry, Manifest
+from backups.manifest import KIND_FULL, KIND_PARTITION, FileEntry, Manifest, drill_record
 from backups.plumbing import (
     COPY_CHUNK,
     GZIP_LEVEL,
@@ -51,14 +51,14 @@ from backups.plumbing import (
     new_backup_name,
     pg_restore,
     plaintext,
-    seal_copy,
+    seal_output,
     sealed_writer,
     staging_dir,
+    sweep_staging,
     watch,
 )
 from freeagentics.progress import NULL_PROGRESS, Progress
 
-DRILL_DB_PREFIX = "fa_drill_"
 # ---------------------------------------------------------------------------------------
 # Backups
 
@@ -127,9 +127,10 @@ def backup_create(
     if include_postgres:
         server, server_num = pgtools.server_version(alias)
         pg_dump = pgtools.find_client("pg_dump", server_num // 10000, server)
+    sweep_staging(progress)
     created_at = timezone.now()
     name = new_backup_name(settings.BACKUP_NAME_PREFIX, created_at)
-    suffix = ".enc" if key else ""
+    suffix = ".age" if key else ""
     files: list[FileEntry] = []
     saved: list[str] = []
     procs: list[Proc] = []
@@ -147,24 +148,20 @@ def backup_create(
                 cursor.execute("SELECT pg_export_snapshot()")
                 snapshot_id = cursor.fetchone()[0]
                 dump_path = staging / "postgres.dump"
-                dump = Proc(
-                    [
-                        pg_dump.path,
-                        "--format=custom",
-                        f"--compress={settings.BACKUP_PG_COMPRESS}",
-                        "--verbose",
-                        f"--snapshot={snapshot_id}",
-                        f"--file={dump_path}",
-                    ],
-                    env=pgtools.libpq_env(alias),
-                )
+                args = [
+                    pg_dump.path,
+                    "--format=custom",
+                    f"--compress={settings.BACKUP_PG_COMPRESS}",
+                    "--verbose",
+                    f"--snapshot={snapshot_id}",
+                ]
+                # Encrypted, the dump goes from pg_dump's stdout through the encryptor:
+                # no plaintext reaches the disk. Clear, it is a seekable file, which
+                # `restore --jobs` needs.
+                if not key:
+                    args.append(f"--file={dump_path}")
+                dump = Proc(args, env=pgtools.libpq_env(alias), capture_stdout=bool(key))
                 procs.append(dump)
-            if include_redis and settings.BACKUP_REDIS_RDB:
-                rdb_path = staging / "redis.rdb"
-                args, env = redisio.rdb_snapshot_command(redis_url, rdb_path)
-                rdb = Proc(args, env=env)
-                procs.append(rdb)
-            if include_postgres:
                 postgres_info = pgtools.describe_database(cursor)
                 migrations = postgres_info.pop("migrations")
                 postgres_info.update(
@@ -176,6 +173,28 @@ def backup_create(
                     f"PostgreSQL {server}: {len(postgres_info['tables'])} tables, "
                     f"{sum(postgres_info['tables'].values()):,} rows, pg_dump {pg_dump.version}"
                 )
+                dump_name = "postgres.dump" + suffix
+                if key:
+                    with progress.task(f"pg_dump | age > {dump_name}") as task:
+                        res = seal_output(
+                            dump, staging / dump_name, key, gzip_level=None, task=task
+                        )
+                        dump.check("pg_dump")
+                else:
+                    with progress.task("pg_dump") as task:
+                        watch(dump, task, lambda: file_size(dump_path))
+                        dump.check("pg_dump")
+                    with progress.task(f"checksum {dump_name}", file_size(dump_path)) as task:
+                        size, sha256 = storage.hash_file(dump_path, task)
+                    res = {"size": size, "sha256": sha256}
+                files.append(
+                    FileEntry(
+                        dump_name, "postgres", encrypted=bool(key), compression="pg_dump", **res
+                    )
+                )
+                snapshot_conn.rollback()
+                snapshot_conn.close()
+                snapshot_conn = None
             if include_redis:
                 redis_info = redisio.server_info(redis_url)
                 keys_name = "redis-keys.gz" + suffix
@@ -189,45 +208,20 @@ def backup_create(
                         keys_name, "redis-keys", encrypted=bool(key), compression="gzip", **res
                     )
                 )
-            if include_postgres:
-                with progress.task("pg_dump") as task:
-                    watch(dump, task, lambda: file_size(dump_path))
-                    dump.check("pg_dump")
-                    task.update(file_size(dump_path))
-                snapshot_conn.rollback()
-                snapshot_conn.close()
-                snapshot_conn = None
-                dump_name = "postgres.dump" + suffix
-                with progress.task(
-                    ("encrypt " if key else "checksum ") + dump_name, file_size(dump_path)
-                ) as task:
-                    if key:
-                        res = seal_copy(
-                            dump_path, staging / dump_name, key, gzip_level=None, task=task
-                        )
-                        dump_path.unlink()
-                    else:
-                        size, sha256 = storage.hash_file(dump_path, task)
-                        res = {"size": size, "sha256": sha256}
-                files.append(
-                    FileEntry(
-                        dump_name, "postgres", encrypted=bool(key), compression="pg_dump", **res
-                    )
-                )
             if include_redis and settings.BACKUP_REDIS_RDB:
-                with progress.task("redis-cli --rdb") as task:
-                    watch(rdb, task, lambda: file_size(rdb_path))
-                    rdb.check("redis-cli --rdb")
                 rdb_name = "redis.rdb.gz" + suffix
-                with progress.task("compress redis.rdb", file_size(rdb_path)) as task:
-                    res = seal_copy(
-                        rdb_path, staging / rdb_name, key, gzip_level=GZIP_LEVEL, task=task
+                args, env = redisio.rdb_snapshot_command(redis_url, "-")
+                rdb = Proc(args, env=env, capture_stdout=True)
+                procs.append(rdb)
+                with progress.task(f"redis-cli --rdb | gzip > {rdb_name}") as task:
+                    res = seal_output(
+                        rdb, staging / rdb_name, key, gzip_level=GZIP_LEVEL, task=task
                     )
+                    rdb.check("redis-cli --rdb")
                 files.append(
                     FileEntry(rdb_name, "redis-rdb", encrypted=bool(key), compression="gzip", **res)
                 )
-                if redis_info is not None:
-                    redis_info["rdb"] = True
+                redis_info["rdb"] = True
 
             for entry in files:
                 with progress.task(f"store {entry.name}", entry.size):
@@ -294,6 +288,39 @@ class RestoreResult:
     previous_database: str | None = None
     warnings: list[str] = field(default_factory=list)
     dry_run: bool = False
+
+
+@dataclass
+class CleanupReport:
+    databases: list[str] = field(default_factory=list)
+    staging: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+
+def backups_cleanup(
+    *, alias: str = "default", dry_run: bool = False, progress: Progress = NULL_PROGRESS
+) -> CleanupReport:
+    """Drop the scratch databases and remove the staging folders of restores, drills and
+    backups that died (killed, crashed); with dry_run, only list them.
+
+    Only leftovers whose owner process, on this host, is gone count: a running restore's
+    scratch database is never touched. Restore and verify_backup run this first.
+    """
+    report = CleanupReport(dry_run=dry_run)
+    with pgtools.maintenance_connection(alias) as mconn:
+        for scratch in pgtools.scratch_databases(mconn):
+            if not scratch.stale:
+                continue
+            verb = "Would drop" if dry_run else "Dropped"
+            if not dry_run:
+                pgtools.drop_database(mconn, scratch.name)
+            progress.note(
+                f"{verb} scratch database {scratch.name} ({scratch.size:,} bytes; "
+                f"{scratch.note}), left by a killed restore or drill."
+            )
+            report.databases.append(scratch.name)
+    report.staging = sweep_staging(progress, dry_run=dry_run)
+    return report
 
 
 def _scratch_name(base: str, tag: str) -> str:
@@ -365,22 +392,26 @@ def backup_restore(
     disconnect: bool = False,
     keep_previous: bool = False,
     jobs: int = 1,
+    allow_unsigned: bool = False,
     dry_run: bool = False,
     progress: Progress = NULL_PROGRESS,
 ) -> RestoreResult:
     """Restore a backup into the alias' database (or database_name on its server) and Redis.
 
-    Order: read the manifest; refuse a non-empty target unless overwrite; verify size
-    and sha256 of every file needed (nothing is touched before this passes); pg_restore
+    Order: read and authenticate the manifest (an unsigned one, while a backup key is
+    set, only with allow_unsigned); refuse a non-empty target unless overwrite; verify
+    size and sha256 of every file of the backup (nothing is touched before this passes); pg_restore
     into a fresh scratch database and check its row counts against the manifest; then
     swap it in with two renames in one transaction (Django's own connections are closed
     first; other sessions are refused, or ended with disconnect). Redis is flushed and
     refilled with RESTORE over the network.
 
+    Scratch databases and staging folders of killed runs are removed first.
+
     Raises ValidationError (non-empty target, target in use), BackupNotFound,
     BackupIntegrityError, ToolNotFoundError/ToolFailedError, BackupError.
     """
-    manifest = selectors.backup_get(name)
+    manifest = selectors.backup_get(name, allow_unsigned=allow_unsigned)
     if manifest.kind != KIND_FULL:
         raise BackupError(
             f"{manifest.name} is a partition archive: use `manage.py restore_partition`."
@@ -413,11 +444,14 @@ def backup_restore(
         if keys and not overwrite:
             raise ValidationError(REDIS_NOT_EMPTY.format(target=result.redis_target, keys=keys))
 
+    if pg_entry:
+        backups_cleanup(alias=alias, dry_run=dry_run, progress=progress)
     with staging_dir() as tmp:
         staging = Path(tmp)
-        # 2. Verify everything before touching anything.
+        # 2. Verify everything before touching anything, also the files this restore does
+        # not use: a backup with a damaged part is damaged.
         copies = {}
-        for entry in filter(None, (pg_entry, redis_entry)):
+        for entry in manifest.files:
             copies[entry.role] = storage.fetch_verified(manifest, entry.name, staging, progress)
             if entry.encrypted:
                 key_for(manifest.encryption["key_id"])
@@ -478,11 +512,10 @@ def _restore_postgres(
     jobs,
     progress,
 ) -> tuple[dict, str | None]:
-    scratch = _scratch_name(target, "restore")
     like = target if target_exists else pgtools.settings_dict(alias)["NAME"]
     swapped = False
     with pgtools.maintenance_connection(alias) as mconn:
-        pgtools.create_database(mconn, scratch, like=like)
+        scratch = pgtools.create_scratch_database(mconn, f"restore of {target}", like=like)
         try:
             pg_restore(
                 alias=alias,
@@ -571,7 +604,11 @@ def _encrypted_columns_for(manifest: Manifest) -> list[tuple[str, str]]:
 
 
 def backup_verify(
-    *, name: str, alias: str = "default", progress: Progress = NULL_PROGRESS
+    *,
+    name: str,
+    alias: str = "default",
+    allow_unsigned: bool = False,
+    progress: Progress = NULL_PROGRESS,
 ) -> DrillReport:
     """Restore drill: restore into a scratch database on the alias' server, check, drop it.
 
@@ -579,11 +616,13 @@ def backup_verify(
     partitioned tables, triggers and functions exist; the migration state matches; every
     stored belief state decrypts with FREEAGENTICS_ENCRYPTION_KEYS; the Redis key export
     reads to its end with the recorded count. The scratch database is dropped whatever
-    happens. Returns the report; raises DrillFailedError (with .report) when a check fails.
+    happens. A passed drill is recorded beside the backup (drill.json), so retention keeps
+    it. Returns the report; raises DrillFailedError (with .report) when a check fails.
     """
     started = time.monotonic()
-    manifest = selectors.backup_get(name)
+    manifest = selectors.backup_get(name, allow_unsigned=allow_unsigned)
     report = DrillReport(name=manifest.name)
+    backups_cleanup(alias=alias, progress=progress)
     try:
         with staging_dir() as tmp:
             staging = Path(tmp)
@@ -615,6 +654,11 @@ def backup_verify(
     if not report.ok:
         failed = [f"{label}: {detail}" for label, ok, detail in report.checks if not ok]
         raise DrillFailedError(f"{manifest.name} failed its drill: " + "; ".join(failed), report)
+    storage.replace_small(
+        manifest.name,
+        storage.DRILL_RECORD,
+        drill_record(manifest, timezone.now(), encryption_key()),
+    )
     return report
 
 
@@ -622,10 +666,11 @@ def _drill_postgres(manifest, entry, path, alias, report, progress) -> None:
     server, server_num = pgtools.server_version(alias)
     dump_major = int(manifest.postgres["pg_dump_version"].split(".")[0])
     client = pgtools.find_client("pg_restore", max(server_num // 10000, dump_major), server)
-    scratch = f"{DRILL_DB_PREFIX}{secrets.token_hex(4)}"
-    report.scratch_database = scratch
     with pgtools.maintenance_connection(alias) as mconn:
-        pgtools.create_database(mconn, scratch, like=pgtools.settings_dict(alias)["NAME"])
+        scratch = pgtools.create_scratch_database(
+            mconn, f"drill of {manifest.name}", like=pgtools.settings_dict(alias)["NAME"]
+        )
+        report.scratch_database = scratch
         try:
             pg_restore(
                 alias=alias,

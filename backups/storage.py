@@ -19,6 +19,7 @@ from pathlib import Path
 
 from django.core.exceptions import ValidationError
 from django.core.files import File
+from django.core.files.base import ContentFile
 from django.core.files.storage import FileSystemStorage, storages
 
 from backups.exceptions import BACKUP_NAME_INVALID, BackupIntegrityError, BackupNotFound
@@ -26,6 +27,7 @@ from backups.manifest import Manifest
 from freeagentics.progress import NULL_PROGRESS, Progress
 
 MANIFEST = "manifest.json"
+DRILL_RECORD = "drill.json"
 ARCHIVES_DIR = "archives"
 ARCHIVE_PREFIX = "archive-"
 COPY_CHUNK = 1024 * 1024
@@ -137,6 +139,24 @@ def save_bytes(object_name_: str, data: bytes, staging: Path) -> None:
     save(object_name_, path)
 
 
+def replace_small(name: str, file_name: str, data: bytes) -> None:
+    """Store a small file beside a backup's, replacing an older one (the drill record)."""
+    storage = backup_storage()
+    object_name_ = object_name(name, file_name)
+    if storage.exists(object_name_):
+        storage.delete(object_name_)
+    storage.save(object_name_, ContentFile(data))
+
+
+def read_small(name: str, file_name: str, limit: int = 1024 * 1024) -> bytes | None:
+    storage = backup_storage()
+    object_name_ = object_name(name, file_name)
+    if not storage.exists(object_name_):
+        return None
+    with storage.open(object_name_, "rb") as fh:
+        return fh.read(limit)
+
+
 def delete_backup(name: str) -> None:
     """Delete every file of a backup (manifest first, so a half-deleted one reads incomplete)."""
     storage = backup_storage()
@@ -158,6 +178,14 @@ def stored_files(name: str) -> list[str]:
         return backup_storage().listdir(prefix(name))[1]
     except FileNotFoundError:
         return []
+
+
+def size(name: str, file_name: str) -> int | None:
+    """The stored size of one file of a backup (None when it cannot be read)."""
+    try:
+        return backup_storage().size(object_name(name, file_name))
+    except (OSError, ValueError):
+        return None
 
 
 def hash_file(path: Path, task=None) -> tuple[int, str]:

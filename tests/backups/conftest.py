@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyrage
 import pytest
 import redis
 from cryptography.fernet import Fernet
@@ -41,10 +42,16 @@ def no_rdb(settings):
 
 @pytest.fixture
 def backup_key(settings):
-    """A backup encryption key, distinct from the field keys."""
-    key = Fernet.generate_key().decode()
+    """A backup encryption key (an age identity), distinct from the field keys."""
+    key = str(pyrage.x25519.Identity.generate())
     settings.BACKUP_ENCRYPTION_KEY = [key]
     return key
+
+
+@pytest.fixture
+def legacy_key(settings):
+    """An old-format (Fernet) backup key, which still decrypts pre-age backups."""
+    return Fernet.generate_key().decode()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ import json
 from io import StringIO
 
 import numpy as np
+import pyrage
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
@@ -184,20 +185,21 @@ def test_interrupted_restore_drops_its_copy_and_leaves_the_target(
 
     monkeypatch.setattr(services, "pg_restore", ctrl_c_just_before_the_swap)
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(CommandError, match="^Interrupted; its scratch database") as caught:
         run("restore", name, "--yes", "--skip-redis")
 
+    assert caught.value.returncode == 130
     assert table_rows() == before
     assert scratch_databases() == []
 
 
 def test_encrypted_backup_is_unreadable_without_its_key(backup_dir, sample_data, no_rdb, settings):
-    settings.BACKUP_ENCRYPTION_KEY = ["JVqGpMg7RlTNfOmCLwu31PsaIlMj7cGq1O0PLwmHL9s="]
+    settings.BACKUP_ENCRYPTION_KEY = [str(pyrage.x25519.Identity.generate())]
     name = make_backup("--no-redis")
-    raw = (backup_dir / name / "postgres.dump.enc").read_bytes()
+    raw = (backup_dir / name / "postgres.dump.age").read_bytes()
     assert b"PGDMP" not in raw and b"agent_history" not in raw
 
-    settings.BACKUP_ENCRYPTION_KEY = ["yW4ZBHo1WpF46U0jk4CZaOl5b2F5UwqsFhcj0wbKM3Y="]
+    settings.BACKUP_ENCRYPTION_KEY = [str(pyrage.x25519.Identity.generate())]
     with pytest.raises(CommandError, match="BACKUP_ENCRYPTION_KEY holds"):
         run("restore", name, "--yes", "--dry-run")
 
@@ -266,9 +268,10 @@ def test_backup_is_removed_when_interrupted(backup_dir, sample_data, no_rdb, mon
     # Interrupt after the dump files were stored, while the manifest is being written.
     monkeypatch.setattr(storage, "save_bytes", interrupted)
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(CommandError, match="^Interrupted; the partial backup") as caught:
         run("backup", "--no-redis")
 
+    assert caught.value.returncode == 130
     assert storage.list_names() == []
     assert list(backup_dir.iterdir()) == []
 

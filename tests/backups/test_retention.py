@@ -154,10 +154,11 @@ def test_listbackups_lists_newest_first_with_status(backup_dir, four):
 
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("NAME")
-    assert [line.split()[0] for line in lines[1:]] == [partial, *four, odd]
+    assert [line.split()[0] for line in lines[1:7]] == [partial, *four, odd]
     assert lines[1].endswith("incomplete")
     assert lines[2].endswith("complete")
-    assert lines[-1].endswith("unreadable")
+    assert lines[6].endswith("unreadable")
+    assert lines[7].startswith(f"{odd} is unreadable: ")
 
 
 def test_listbackups_on_empty_storage(backup_dir):

@@ -64,9 +64,9 @@ def test_backup_list_drill_and_restore_through_s3(
 
     assert keys(s3_backups) == [
         f"nightly/{name}/manifest.json",
-        f"nightly/{name}/postgres.dump.enc",
-        f"nightly/{name}/redis-keys.gz.enc",
-        f"nightly/{name}/redis.rdb.gz.enc",
+        f"nightly/{name}/postgres.dump.age",
+        f"nightly/{name}/redis-keys.gz.age",
+        f"nightly/{name}/redis.rdb.gz.age",
     ]
     listing = StringIO()
     call_command("listbackups", stdout=listing)

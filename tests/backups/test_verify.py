@@ -5,7 +5,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from backups import pgtools
-from backups.services import DRILL_DB_PREFIX
+from backups.pgtools import SCRATCH_PREFIX
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def drill_databases() -> list[str]:
     with pgtools.maintenance_connection("default") as conn:
         rows = conn.execute(
-            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", [DRILL_DB_PREFIX]
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", [SCRATCH_PREFIX]
         ).fetchall()
     return [r[0] for r in rows]
 

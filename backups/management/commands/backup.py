@@ -1,7 +1,8 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from backups.exceptions import MAX_AGE_INVALID
-from backups.management.base import progress_for, service_errors
+from backups.management.base import progress_for
+from backups.management.operator import operator_errors
 from backups.selectors import parse_age
 from backups.services import backup_create
 
@@ -40,7 +41,7 @@ class Command(BaseCommand):
             max_age = parse_age(options["max_age"])
             if max_age is None:
                 raise CommandError(MAX_AGE_INVALID.format(value=options["max_age"]))
-        with service_errors():
+        with operator_errors("the partial backup and its staging files were removed"):
             result = backup_create(
                 alias=options["database"],
                 include_postgres=not options["no_postgres"],

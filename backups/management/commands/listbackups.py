@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand
 
-from backups.management.base import service_errors
+from backups.management.operator import operator_errors
 from backups.selectors import backup_list
 from freeagentics.progress import human_bytes
 
@@ -14,7 +14,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
-        with service_errors():
+        with operator_errors("nothing was changed"):
             summaries = backup_list(archives=options["archives"])
         if not summaries:
             self.stdout.write("No archives." if options["archives"] else "No backups.")
@@ -33,3 +33,6 @@ class Command(BaseCommand):
                 f"  {s.status}"
             )
             self.stdout.write(line if s.status == "complete" else self.style.WARNING(line))
+        for s in summaries:
+            if s.error and s.status != "incomplete":
+                self.stdout.write(self.style.WARNING(f"{s.name} is {s.status}: {s.error}"))

@@ -1,6 +1,8 @@
 from django.core.management.base import BaseCommand
 
-from backups.management.base import progress_for, service_errors
+from backups.exceptions import ACCEPT_UNSIGNED_HELP
+from backups.management.base import progress_for
+from backups.management.operator import operator_errors
 from backups.services import backup_restore
 
 
@@ -46,8 +48,12 @@ class Command(BaseCommand):
             help="Check the targets and verify the backup; restore nothing.",
         )
 
+        parser.add_argument(
+            "--accept-unsigned-backup", action="store_true", help=ACCEPT_UNSIGNED_HELP
+        )
+
     def handle(self, *args, **options):
-        with service_errors():
+        with operator_errors("its scratch database and staging files were removed"):
             result = backup_restore(
                 name=options["name"],
                 alias=options["database"],
@@ -60,6 +66,7 @@ class Command(BaseCommand):
                 keep_previous=options["keep_previous"],
                 jobs=max(options["jobs"], 1),
                 dry_run=options["dry_run"],
+                allow_unsigned=options["accept_unsigned_backup"],
                 progress=progress_for(self, options),
             )
         for warning in result.warnings:

@@ -1,7 +1,8 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from backups.exceptions import DrillFailedError
-from backups.management.base import progress_for, service_errors
+from backups.exceptions import ACCEPT_UNSIGNED_HELP, DrillFailedError
+from backups.management.base import progress_for
+from backups.management.operator import operator_errors
 from backups.services import backup_verify
 
 
@@ -18,12 +19,17 @@ class Command(BaseCommand):
             "--database", default="default", help="Database alias whose server hosts the drill."
         )
 
+        parser.add_argument(
+            "--accept-unsigned-backup", action="store_true", help=ACCEPT_UNSIGNED_HELP
+        )
+
     def handle(self, *args, **options):
         try:
-            with service_errors():
+            with operator_errors("its scratch database and staging files were removed"):
                 report = backup_verify(
                     name=options["name"],
                     alias=options["database"],
+                    allow_unsigned=options["accept_unsigned_backup"],
                     progress=progress_for(self, options),
                 )
         except CommandError as e:
