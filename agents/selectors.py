@@ -74,7 +74,7 @@ def get_agent(*, tenant: Tenant, agent_id) -> AgentState:
 def agents_near(*, tenant: Tenant, cell: str, radius: int = 3) -> list[AgentState]:
     """Active agents of the tenant within `radius` H3 rings of `cell` (beliefs not
     loaded). Uses h3.grid_disk and idx_agents_location."""
-    validate_cell(cell, field="cell")
+    cell = validate_cell(cell, field="cell")
     validate_radius(radius)
     cells = list(h3.grid_disk(cell, radius))
     with connection.cursor() as cursor:

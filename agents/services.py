@@ -4,6 +4,7 @@ Side effects outside PostgreSQL (cache refresh) run in transaction.on_commit, so
 rolled-back write announces nothing.
 """
 
+import dataclasses
 import datetime
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -28,20 +29,25 @@ from agents.types import (
     state_from_row,
 )
 from agents.validators import (
+    brief,
     validate_beliefs,
     validate_cell,
     validate_energy,
+    validate_optional_number,
     validate_personality,
     validate_status,
+    validate_text,
+    validate_uuid,
 )
 from freeagentics.db import server_binding_cursor
 from metrics.services import agent_metrics_record
 
 AGENTS_NOT_FOUND = "agent_id: {count} agent(s) not found in tenant {tenant}: {ids}."
 DUPLICATE_AGENT = "agent_id: {agent_id} appears more than once in one batch."
-NAME_REQUIRED = "name: must be a non-empty string of at most 255 characters."
-TYPE_REQUIRED = "agent_type: must be a non-empty string of at most 50 characters."
-DELTA_TYPE = "delta: must be an integer, got {value!r}."
+DELTA_TYPE = "delta: must be an integer in -100..100, got {value!r}."
+SPEC_TYPE = "specs: item {index} is a {kind}, not an AgentSpec."
+UPDATE_TYPE = "updates: item {index} is a {kind}, not an AgentStateUpdate."
+BATCH_SIZE_RANGE = "batch_size: must be an integer of at least 1, got {value!r}."
 ENERGY_WOULD_LEAVE_RANGE = (
     "energy_level: adjusting {current} by {delta} would leave the allowed range 0..100."
 )
@@ -108,20 +114,22 @@ def _at_position(error: ValidationError, where: str) -> ValidationError:
     )
 
 
-def _validated_spec(spec: AgentSpec) -> AgentSpec:
-    if not isinstance(spec.name, str) or not 0 < len(spec.name) <= 255:
-        raise ValidationError({"name": NAME_REQUIRED})
-    if not isinstance(spec.agent_type, str) or not 0 < len(spec.agent_type) <= 50:
-        raise ValidationError({"agent_type": TYPE_REQUIRED})
+def _validated_spec(spec: AgentSpec, index: int = 0) -> AgentSpec:
+    """The spec as it will be stored (energy as int, the cell canonical)."""
+    if not isinstance(spec, AgentSpec):
+        raise ValidationError({"specs": SPEC_TYPE.format(index=index, kind=type(spec).__name__)})
+    validate_text(spec.name, "name", 255)
+    validate_text(spec.agent_type, "agent_type", 50)
     if spec.beliefs is not None:
         validate_beliefs(spec.beliefs)
-    validate_energy(spec.energy_level)
-    if spec.location_h3 is not None:
-        validate_cell(spec.location_h3)
+    energy = validate_energy(spec.energy_level)
+    cell = None if spec.location_h3 is None else validate_cell(spec.location_h3)
     validate_status(spec.status)
     if spec.personality_traits is not None:
         validate_personality(spec.personality_traits)
-    return spec
+    if energy is spec.energy_level and cell is spec.location_h3:
+        return spec
+    return dataclasses.replace(spec, energy_level=energy, location_h3=cell)
 
 
 def _after_commit(entries: list) -> None:
@@ -130,7 +138,7 @@ def _after_commit(entries: list) -> None:
 
 def agent_create(*, tenant: Tenant, spec: AgentSpec) -> AgentState:
     """Create one agent. Raises ValidationError naming the offending field."""
-    _validated_spec(spec)
+    spec = _validated_spec(spec)
     with transaction.atomic():
         agent = Agent.objects.create(
             tenant=tenant,
@@ -164,6 +172,7 @@ def _validated_update(update: AgentStateUpdate):
     token = None
     if update.beliefs is not UNSET:
         token = encrypt_array(validate_beliefs(update.beliefs))
+    validate_optional_number(update.free_energy, "free_energy")
     energy = None if update.energy_level is UNSET else validate_energy(update.energy_level)
     cell = None if update.location_h3 is UNSET else validate_cell(update.location_h3)
     status = None if update.status is UNSET else validate_status(update.status)
@@ -188,18 +197,24 @@ def agents_update_states(
     if not updates:
         return []
     columns = ([], [], [], [], [], [])
+    ids = columns[0]
     seen = set()
     for index, update in enumerate(updates):
-        if update.agent_id in seen:
-            raise ValidationError({"agent_id": DUPLICATE_AGENT.format(agent_id=update.agent_id)})
-        seen.add(update.agent_id)
-        columns[0].append(update.agent_id)
+        if not isinstance(update, AgentStateUpdate):
+            raise ValidationError(
+                {"updates": UPDATE_TYPE.format(index=index, kind=type(update).__name__)}
+            )
         try:
+            agent_id = validate_uuid(update.agent_id, "agent_id")
+            if agent_id in seen:
+                raise ValidationError({"agent_id": DUPLICATE_AGENT.format(agent_id=agent_id)})
+            seen.add(agent_id)
+            ids.append(agent_id)
             values = _validated_update(update)
         except ValidationError as e:
             if len(updates) == 1:
                 raise
-            raise _at_position(e, f"update {index} (agent {update.agent_id})") from e
+            raise _at_position(e, f"update {index} (agent {brief(update.agent_id)})") from e
         for column, value in zip(columns[1:], values, strict=True):
             column.append(value)
 
@@ -207,7 +222,7 @@ def agents_update_states(
         cursor.execute(_UPDATE_SQL, [*columns, tenant.id])
         rows = {row[0]: row for row in cursor.fetchall()}
         if len(rows) != len(updates):
-            missing = [str(u.agent_id) for u in updates if u.agent_id not in rows]
+            missing = [str(i) for i in ids if i not in rows]
             raise ValidationError(
                 {
                     "agent_id": AGENTS_NOT_FOUND.format(
@@ -216,8 +231,8 @@ def agents_update_states(
                 }
             )
         states, entries = [], []
-        for update, token in zip(updates, columns[1], strict=True):
-            row = rows[update.agent_id]
+        for agent_id, update, token in zip(ids, updates, columns[1], strict=True):
+            row = rows[agent_id]
             beliefs = None if update.beliefs is UNSET else update.beliefs
             state = state_from_row(row, beliefs)
             states.append(state)
@@ -237,8 +252,9 @@ def agent_adjust_energy(*, tenant: Tenant, agent_id: uuid.UUID, delta: int) -> A
     """Add delta to an agent's energy atomically in the database, so concurrent
     adjustments never lose one another. Raises ValidationError if the result would
     leave 0..100 or the agent is not in the tenant."""
-    if isinstance(delta, bool) or not isinstance(delta, int):
-        raise ValidationError({"delta": DELTA_TYPE.format(value=delta)})
+    agent_id = validate_uuid(agent_id, "agent_id")
+    if isinstance(delta, bool) or not isinstance(delta, int) or not -100 <= delta <= 100:
+        raise ValidationError({"delta": DELTA_TYPE.format(value=brief(delta))})
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(_ADJUST_SQL, [delta, agent_id, tenant.id, delta])
         row = cursor.fetchone()
@@ -265,6 +281,7 @@ def agent_adjust_energy(*, tenant: Tenant, agent_id: uuid.UUID, delta: int) -> A
 def agent_delete(*, tenant: Tenant, agent_id: uuid.UUID) -> None:
     """Delete an agent (its memberships cascade); its cache entry becomes a tombstone
     and the membership sets of its coalitions are invalidated."""
+    agent_id = validate_uuid(agent_id, "agent_id")
     with transaction.atomic():
         agent = Agent.objects.filter(pk=agent_id, tenant=tenant).select_for_update().first()
         if agent is None:
@@ -303,15 +320,15 @@ def agents_bulk_load(
     """Insert agents with COPY, streaming: memory is bounded by batch_size, not by
     the number of agents. One transaction: an error or interruption loads nothing.
     Returns the number of agents loaded."""
-    if batch_size < 1:
-        raise ValidationError({"batch_size": "batch_size: must be at least 1."})
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValidationError({"batch_size": BATCH_SIZE_RANGE.format(value=brief(batch_size))})
     loaded = 0
     with transaction.atomic(), connection.cursor() as cursor:
         with cursor.cursor.copy(_COPY_SQL) as copy:
             for chunk in _chunks(specs, batch_size):
                 for index, spec in enumerate(chunk, loaded):
                     try:
-                        _validated_spec(spec)
+                        spec = _validated_spec(spec, index)
                     except ValidationError as e:
                         raise _at_position(e, f"agent {index}") from e
                     copy.write_row(

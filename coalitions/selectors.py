@@ -31,7 +31,7 @@ ORDER BY c.name
 def coalitions_near(*, tenant: Tenant, cell: str, business_model: str) -> list[Coalition]:
     """Active coalitions of `business_model` with at least 2 members located within
     h3.grid_disk(cell, 2)."""
-    validate_cell(cell, field="cell")
+    cell = validate_cell(cell, field="cell")
     validate_business_model(business_model)
     cells = list(h3.grid_disk(cell, 2))
     return list(Coalition.objects.raw(_NEAR_SQL, [cells, tenant.id, tenant.id, business_model]))

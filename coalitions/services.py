@@ -10,6 +10,7 @@ from django.utils import timezone
 from agents import cache
 from agents.models import Agent, Tenant
 from agents.types import UNSET, Unset
+from agents.validators import brief, validate_json_object, validate_text, validate_uuid
 from coalitions import realtime
 from coalitions.models import Coalition, CoalitionMember, CoalitionStatus
 from coalitions.validators import validate_business_model
@@ -26,10 +27,7 @@ ALREADY_MEMBER = "agent_id: agent {agent_id} is already a member of this coaliti
 NOT_MEMBER = "agent_id: agent {agent_id} is not a member of this coalition."
 DISSOLVED = "status: coalition {coalition_id} is dissolved and cannot change members."
 SCORE_RANGE = "contribution_score: must be a number in -999.99..999.99, got {value!r}."
-ROLE_REQUIRED = "role: must be a non-empty string of at most 50 characters."
-NAME_REQUIRED = "name: must be a non-empty string of at most 255 characters."
 DISSOLVED_FROZEN = "status: coalition {coalition_id} is dissolved and cannot be changed."
-CONFIG_TYPE = "{field}: must be a JSON object or null."
 MONEY_INVALID = "{field}: must be a non-negative amount with at most 13 digits before the point."
 
 ALLOWED_TRANSITIONS = {
@@ -44,10 +42,10 @@ def _invalidate_members_on_commit(coalition_id) -> None:
     transaction.on_commit(lambda: cache.membership_invalidate([coalition_id]))
 
 
-def _locked_coalition(tenant: Tenant, coalition_id) -> Coalition:
+def _locked_coalition(tenant: Tenant, coalition_id: uuid.UUID) -> Coalition:
     try:
         return Coalition.objects.select_for_update().get(pk=coalition_id, tenant=tenant)
-    except (Coalition.DoesNotExist, ValidationError):
+    except Coalition.DoesNotExist:
         raise ValidationError(
             {
                 "coalition_id": COALITION_NOT_FOUND.format(
@@ -57,9 +55,19 @@ def _locked_coalition(tenant: Tenant, coalition_id) -> Coalition:
         ) from None
 
 
+def _decimal(value) -> Decimal:
+    """Numbers and their string forms; bools and other types are refused (str(True) and
+    str([1]) would otherwise reach Decimal, and Decimal(1e400) is infinite)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal | str):
+        raise InvalidOperation
+    if isinstance(value, str) and len(value) > 64:
+        raise InvalidOperation
+    return Decimal(value) if isinstance(value, Decimal) else Decimal(str(value))
+
+
 def _money(field: str, value) -> Decimal:
     try:
-        amount = Decimal(str(value))
+        amount = _decimal(value)
     except InvalidOperation:
         raise ValidationError({field: MONEY_INVALID.format(field=field)}) from None
     if not amount.is_finite() or amount < 0 or amount >= Decimal("1e13"):
@@ -69,11 +77,13 @@ def _money(field: str, value) -> Decimal:
 
 def _score(value) -> Decimal:
     try:
-        score = Decimal(str(value))
+        score = _decimal(value)
     except InvalidOperation:
-        raise ValidationError({"contribution_score": SCORE_RANGE.format(value=value)}) from None
+        raise ValidationError(
+            {"contribution_score": SCORE_RANGE.format(value=brief(value))}
+        ) from None
     if not score.is_finite() or not Decimal("-999.99") <= score <= Decimal("999.99"):
-        raise ValidationError({"contribution_score": SCORE_RANGE.format(value=value)})
+        raise ValidationError({"contribution_score": SCORE_RANGE.format(value=brief(value))})
     return score.quantize(Decimal("0.01"))
 
 
@@ -86,11 +96,13 @@ def coalition_create(
     formation_criteria: dict | None = None,
     business_config: dict | None = None,
 ) -> Coalition:
-    """Create a coalition in status forming. Raises ValidationError naming the field."""
-    if not isinstance(name, str) or not 0 < len(name) <= 255:
-        raise ValidationError({"name": NAME_REQUIRED})
+    """Create a coalition in status forming. Raises ValidationError naming the field;
+    formation_criteria and business_config follow the same rules as in coalition_update."""
+    validate_text(name, "name", 255)
     validate_business_model(business_model)
     capital = _money("initial_capital", initial_capital)
+    validate_json_object(formation_criteria, "formation_criteria")
+    validate_json_object(business_config, "business_config")
     return Coalition.objects.create(
         tenant=tenant,
         name=name,
@@ -111,8 +123,9 @@ def coalition_add_member(
     contribution_score=0,
 ) -> CoalitionMember:
     """Add an agent of the same tenant to a coalition that is not dissolved."""
-    if not isinstance(role, str) or not 0 < len(role) <= 50:
-        raise ValidationError({"role": ROLE_REQUIRED})
+    coalition_id = validate_uuid(coalition_id, "coalition_id")
+    agent_id = validate_uuid(agent_id, "agent_id")
+    validate_text(role, "role", 50)
     score = _score(contribution_score)
     with transaction.atomic():
         coalition = _locked_coalition(tenant, coalition_id)
@@ -148,11 +161,10 @@ def coalition_update(
 ) -> Coalition:
     """Change the given fields of a coalition that is not dissolved (status has its own
     service, coalition_set_status). Raises ValidationError naming the field."""
+    coalition_id = validate_uuid(coalition_id, "coalition_id")
     changes = {}
     if name is not UNSET:
-        if not isinstance(name, str) or not 0 < len(name) <= 255:
-            raise ValidationError({"name": NAME_REQUIRED})
-        changes["name"] = name
+        changes["name"] = validate_text(name, "name", 255)
     if business_model is not UNSET:
         validate_business_model(business_model)
         changes["business_model"] = business_model
@@ -165,9 +177,7 @@ def coalition_update(
         ("business_config", business_config),
     ):
         if value is not UNSET:
-            if value is not None and not isinstance(value, dict):
-                raise ValidationError({field: CONFIG_TYPE.format(field=field)})
-            changes[field] = value
+            changes[field] = validate_json_object(value, field)
     with transaction.atomic():
         coalition = _locked_coalition(tenant, coalition_id)
         if coalition.status == CoalitionStatus.DISSOLVED:
@@ -188,11 +198,11 @@ def coalition_member_update(
     contribution_score=UNSET,
 ) -> CoalitionMember:
     """Change a member's role and/or contribution score."""
+    coalition_id = validate_uuid(coalition_id, "coalition_id")
+    agent_id = validate_uuid(agent_id, "agent_id")
     changes = {}
     if role is not UNSET:
-        if not isinstance(role, str) or not 0 < len(role) <= 50:
-            raise ValidationError({"role": ROLE_REQUIRED})
-        changes["role"] = role
+        changes["role"] = validate_text(role, "role", 50)
     if contribution_score is not UNSET:
         changes["contribution_score"] = _score(contribution_score)
     with transaction.atomic():
@@ -210,6 +220,9 @@ def coalition_member_update(
 def coalition_remove_member(
     *, tenant: Tenant, coalition_id: uuid.UUID, agent_id: uuid.UUID
 ) -> None:
+    """Remove an agent from a coalition; raises ValidationError if it is not a member."""
+    coalition_id = validate_uuid(coalition_id, "coalition_id")
+    agent_id = validate_uuid(agent_id, "agent_id")
     with transaction.atomic():
         coalition = _locked_coalition(tenant, coalition_id)
         deleted, _ = CoalitionMember.objects.filter(coalition=coalition, agent_id=agent_id).delete()
@@ -223,11 +236,12 @@ def coalition_remove_member(
 def coalition_set_status(*, tenant: Tenant, coalition_id: uuid.UUID, status: str) -> Coalition:
     """Move a coalition along forming -> active -> profitable, or to dissolved from any
     status (which sets dissolved_at). Other moves raise ValidationError."""
-    if status not in CoalitionStatus.values:
+    coalition_id = validate_uuid(coalition_id, "coalition_id")
+    if not isinstance(status, str) or status not in CoalitionStatus.values:
         raise ValidationError(
             {
                 "status": STATUS_UNKNOWN.format(
-                    value=status, allowed=", ".join(CoalitionStatus.values)
+                    value=brief(status), allowed=", ".join(CoalitionStatus.values)
                 )
             }
         )
