@@ -16,6 +16,7 @@ variable to fix.
 
 import atexit
 import json
+import re
 import threading
 from dataclasses import dataclass
 from functools import cache
@@ -46,6 +47,10 @@ CREDENTIALS_REFUSED = (
 )
 TARGET_NOT_FOUND = "InfluxDB at {url} answered HTTP 404 for {path} ({message}); check {variables}."
 
+# InfluxDB 1.x and 2.x end a partial write's message with the count of points the
+# storage refused; lines that did not parse are listed before it, one "unable to parse".
+_DROPPED = re.compile(r"\bdropped=(\d+)\s*$")
+_UNPARSED = "unable to parse '"
 _RETRYABLE_STATUSES = frozenset({408, 425, 429})
 _REJECTED_STATUSES = frozenset({400, 413, 422})
 
@@ -273,7 +278,7 @@ def _unreachable(config: Config, error: Exception) -> InfluxDBUnavailable:
     return InfluxDBUnavailable(f"InfluxDB at {config.url} is unreachable: {reason}")
 
 
-def _message(error) -> str:
+def _full_message(error) -> str:
     body = error.body
     if isinstance(body, bytes):
         body = body.decode("utf-8", "replace")
@@ -281,15 +286,25 @@ def _message(error) -> str:
         try:
             decoded = json.loads(body)
         except ValueError:
-            return body.strip()[:300]
+            return body.strip()
         if isinstance(decoded, dict):
-            return str(decoded.get("error") or decoded.get("message") or decoded)[:300]
+            return str(decoded.get("error") or decoded.get("message") or decoded)
     return str(error.reason or "no details")
+
+
+def _refused_count(message: str) -> int | None:
+    """How many points of the request InfluxDB says it did not store, or None when its
+    answer does not say (not a partial write, or another server)."""
+    match = _DROPPED.search(message)
+    if match is None:
+        return None
+    return int(match.group(1)) + message.count(_UNPARSED)
 
 
 def _translate(error, config: Config, path: str) -> Exception:
     status = error.status or 0
-    message = _message(error)
+    full = _full_message(error)
+    message = full[:300]
     if status in (401, 403):
         return ImproperlyConfigured(
             CREDENTIALS_REFUSED.format(url=config.url, status=status, message=message)
@@ -306,7 +321,9 @@ def _translate(error, config: Config, path: str) -> Exception:
         )
     if status in _REJECTED_STATUSES:
         return InfluxDBRejected(
-            f"InfluxDB refused the points (HTTP {status}): {message}", status=status
+            f"InfluxDB refused the points (HTTP {status}): {message}",
+            status=status,
+            refused=_refused_count(full),
         )
     if status == 0 or status >= 500 or status in _RETRYABLE_STATUSES:
         return InfluxDBUnavailable(f"InfluxDB at {config.url} failed (HTTP {status}): {message}")

@@ -12,11 +12,13 @@ class InfluxDBUnavailable(MetricsError):
 
 class InfluxDBRejected(MetricsError):
     """InfluxDB refused the points themselves (HTTP 400, 413 or 422): retrying the same
-    body cannot succeed."""
+    body cannot succeed. `refused`: how many of the request's points InfluxDB says it did
+    not store (a partial write stores the others), None when it does not say."""
 
-    def __init__(self, message: str, *, status: int):
+    def __init__(self, message: str, *, status: int, refused: int | None = None):
         super().__init__(message)
         self.status = status
+        self.refused = refused
 
 
 class InfluxDBQueryError(MetricsError):

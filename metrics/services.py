@@ -288,22 +288,62 @@ def _backoff_delay(failures: int) -> float:
     return random.uniform(0, backoff_ceiling(failures))
 
 
+def _send(rows: list[tuple[int, str]], config) -> None:
+    client.write_lines("\n".join(line for _, line in rows).encode(), config=config)
+
+
 def _ship(rows: list[tuple[int, str]], config) -> list[tuple[str, str]]:
-    """Write rows; return the (line, error) pairs InfluxDB refused. A refused batch is
-    split in halves until the refused lines are isolated, so one bad point neither
-    blocks the outbox nor takes good points with it (re-sent halves overwrite)."""
-    body = "\n".join(line for _, line in rows).encode()
+    """Write rows; return the (line, error) pairs InfluxDB refused, each refused when
+    sent alone, so one bad point neither blocks the outbox nor takes good points with
+    it. Re-sent points overwrite themselves."""
     try:
-        client.write_lines(body, config=config)
+        _send(rows, config)
         return []
     except InfluxDBRejected as e:
-        if len(rows) == 1:
-            logger.error(
-                "InfluxDB rejected a metrics point; kept in metrics_outbox_rejected: %s", e
-            )
-            return [(rows[0][1], str(e))]
+        return _isolate(rows, e, config)
+
+
+def _isolate(rows, error: InfluxDBRejected, config) -> list[tuple[str, str]]:
+    if len(rows) == 1:
+        return [(rows[0][1], str(error))]
+    if error.status == 413 or not error.refused:
+        # Too large, or no count of refused points: halve and send both halves.
         middle = len(rows) // 2
         return _ship(rows[:middle], config) + _ship(rows[middle:], config)
+    unchecked: list = []
+    refused = _search(rows, error.refused, None, config, unchecked)
+    # Halves skipped because the counts said they were clean were never acknowledged on
+    # their own; a count can be short (InfluxDB leaves unparsed lines out of it when a
+    # type conflict is reported), so they are sent once more together.
+    return refused + (_ship(unchecked, config) if unchecked else [])
+
+
+def _search(rows, expected: int, error, config, unchecked: list) -> list[tuple[str, str]]:
+    """Bisection guided by InfluxDB's count of refused points: `rows` hold `expected`
+    refused lines; `error` is their refusal when they were sent together as they are.
+    Only the left half is sent; the right half's count is what the left's answer leaves,
+    so a bad point costs about one request per halving, log2(batch) in all."""
+    if len(rows) == 1:
+        if error is None:
+            try:
+                _send(rows, config)
+                return []
+            except InfluxDBRejected as e:
+                error = e
+        return [(rows[0][1], str(error))]
+    middle = len(rows) // 2
+    left, right = rows[:middle], rows[middle:]
+    try:
+        _send(left, config)
+        found, left_refused = [], 0
+    except InfluxDBRejected as e:
+        if not e.refused:
+            return _isolate(left, e, config) + _ship(right, config)
+        found, left_refused = _search(left, e.refused, e, config, unchecked), e.refused
+    if left_refused >= expected:
+        unchecked.extend(right)
+        return found
+    return found + _search(right, expected - left_refused, None, config, unchecked)
 
 
 def _flush_batch(*, batch_size: int, upto: int, config, report: FlushReport) -> int:

@@ -1,6 +1,8 @@
 """InfluxDB down, refusing or coming back: retries, backoff and the drain after an outage."""
 
 import http.server
+import math
+import random
 import threading
 import time
 import uuid
@@ -13,7 +15,7 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 
 from metrics import points
-from metrics.models import OutboxPoint
+from metrics.models import OutboxPoint, RejectedPoint
 from metrics.services import RETRIES_RANGE, backoff_ceiling, outbox_add, outbox_flush
 
 pytestmark = pytest.mark.reliability("metrics outages")
@@ -141,3 +143,86 @@ def test_follow_flusher_drains_within_seconds_of_influxdb_return(own_influxd, se
         stop.set()
         flusher.join(timeout=60)
     assert own_influxd.count(database, *ENERGY) == 50
+
+
+def _write_stats(influxd) -> tuple[int, int]:
+    """The server's own counters (SHOW STATS): write requests, points stored."""
+    series = influxd.query("SHOW STATS FOR 'httpd'")["results"][0]["series"][0]
+    stats = dict(zip(series["columns"], series["values"][0], strict=True))
+    return stats["writeReq"], stats["pointsWrittenOK"]
+
+
+def _with_conflicts(size: int, bad: set[int]) -> list[str]:
+    """`size` points with a float free_energy; those at the `bad` positions carry it as a
+    string, a field type conflict once InfluxDB knows the field as a float."""
+    tenant_id, start_ns = uuid.uuid4(), time.time_ns()
+    lines = []
+    for i in range(size):
+        line = points.agent_line(
+            agent_id=uuid.UUID(int=i + 1),
+            tenant_id=tenant_id,
+            time_ns=start_ns + i,
+            free_energy=0.5,
+            energy_level=i,
+        )
+        lines.append(line.replace("free_energy=0.5", 'free_energy="high"') if i in bad else line)
+    return lines
+
+
+def _isolate(influxd, database, lines: list[str]):
+    """Flush `lines` in one batch after teaching InfluxDB that free_energy is a float;
+    returns the report and the write requests and points the server counted."""
+    seed = points.agent_line(
+        agent_id=uuid.uuid4(), tenant_id=uuid.uuid4(), time_ns=time.time_ns(), free_energy=1.0
+    )
+    outbox_add([seed])
+    outbox_flush()
+    outbox_add(lines)
+    requests, stored = _write_stats(influxd)
+    report = outbox_flush(batch_size=len(lines))
+    after_requests, after_stored = _write_stats(influxd)
+    return report, after_requests - requests, after_stored - stored
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("position", [0, 1, 2200, 4399])
+def test_one_conflicting_point_costs_about_log2_batch_requests(influxd, influx_v1, position):
+    lines = _with_conflicts(4400, {position})
+    report, requests, stored = _isolate(influxd, influx_v1, lines)
+    assert (report.sent, report.rejected) == (4399, 1)
+    assert list(RejectedPoint.objects.values_list("line", flat=True)) == [lines[position]]
+    assert 'input field "free_energy"' in RejectedPoint.objects.get().error
+    # log2(4400) is 12.1: a request per halving, the first one, the bad point alone and
+    # one check of halves the counts said were clean. Plain halving took 25 to 27.
+    assert requests <= math.ceil(math.log2(4400)) + 4
+    assert stored <= 3 * 4400
+    assert influxd.count(influx_v1, "agent_beliefs", "energy_level") == 4399
+
+
+@pytest.mark.django_db
+def test_many_conflicting_points_cost_log2_requests_each_not_ten_times_the_batch(
+    influxd, influx_v1
+):
+    bad = set(random.Random(7).sample(range(4400), 44))
+    lines = _with_conflicts(4400, bad)
+    report, requests, stored = _isolate(influxd, influx_v1, lines)
+    assert (report.sent, report.rejected) == (4356, 44)
+    assert set(RejectedPoint.objects.values_list("line", flat=True)) == {lines[i] for i in bad}
+    assert requests <= 44 * math.ceil(math.log2(4400 / 44) + 2)
+    assert stored <= 5 * 4400
+    assert influxd.count(influx_v1, "agent_beliefs", "energy_level") == 4356
+
+
+@pytest.mark.django_db
+def test_an_unparsable_line_hidden_behind_a_type_conflict_is_still_isolated(influxd, influx_v1):
+    # InfluxDB's answer to this batch counts the type conflict only: the unparsable line
+    # is neither stored nor counted, and must not be deleted as delivered.
+    lines = _with_conflicts(64, {10})
+    lines[40] = lines[40].replace("energy_level=40i", "energy_level=")
+    report, _, _ = _isolate(influxd, influx_v1, lines)
+    assert (report.sent, report.rejected) == (62, 2)
+    rejected = dict(RejectedPoint.objects.values_list("line", "error"))
+    assert set(rejected) == {lines[10], lines[40]}
+    assert "unable to parse" in rejected[lines[40]]
+    assert "field type conflict" in rejected[lines[10]]
+    assert OutboxPoint.objects.count() == 0
