@@ -185,7 +185,7 @@ def test_interrupted_restore_drops_its_copy_and_leaves_the_target(
 
     monkeypatch.setattr(services, "pg_restore", ctrl_c_just_before_the_swap)
 
-    with pytest.raises(CommandError, match="^Interrupted; its scratch database") as caught:
+    with pytest.raises(CommandError, match=r"^Interrupted; its scratch database") as caught:
         run("restore", name, "--yes", "--skip-redis")
 
     assert caught.value.returncode == 130
@@ -268,7 +268,7 @@ def test_backup_is_removed_when_interrupted(backup_dir, sample_data, no_rdb, mon
     # Interrupt after the dump files were stored, while the manifest is being written.
     monkeypatch.setattr(storage, "save_bytes", interrupted)
 
-    with pytest.raises(CommandError, match="^Interrupted; the partial backup") as caught:
+    with pytest.raises(CommandError, match=r"^Interrupted; the partial backup") as caught:
         run("backup", "--no-redis")
 
     assert caught.value.returncode == 130

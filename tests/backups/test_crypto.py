@@ -57,7 +57,7 @@ def test_ciphertext_hides_the_plaintext_and_differs_each_time(key):
 @pytest.mark.parametrize("cut", [10, 200, -1, -17, -65536])
 def test_truncated_age_file_is_refused(key, cut):
     blob = seal(b"x" * 200_000, key)
-    with pytest.raises(BackupIntegrityError, match="does not decrypt|truncated"):
+    with pytest.raises(BackupIntegrityError, match=r"does not decrypt|truncated"):
         open_sealed(blob[:cut])
 
 
