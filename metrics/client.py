@@ -256,7 +256,13 @@ def query_flux(query: str, params: dict, *, config: Config | None = None) -> lis
         raise _translate(e, config, "/api/v2/query") from e
     except (urllib3.exceptions.HTTPError, OSError) as e:
         raise _unreachable(config, e) from e
-    return [record.values for table in tables for record in table.records]
+    return flux_records(tables)
+
+
+def flux_records(tables) -> list[dict]:
+    """influxdb-client's FluxTables as plain dicts, one per record, with its columns
+    (_time as an aware datetime, _field, _value, the group keys...)."""
+    return [dict(record.values) for table in tables for record in table.records]
 
 
 def ping(*, timeout_ms: int | None = None) -> str:

@@ -101,6 +101,12 @@ def _flux_hourly_means(config, agent_id, tenant_id, start, stop) -> list[dict]:
         },
         config=config,
     )
+    return flux_hourly_rows(records)
+
+
+def flux_hourly_rows(records: list[dict]) -> list[dict]:
+    """The rows of agent_hourly_means from the records of _FLUX (one table per field,
+    each record an hour's mean, _time its start), oldest first."""
     by_hour: dict[datetime.datetime, dict] = {}
     for record in records:
         moment = record["_time"].astimezone(datetime.UTC)
