@@ -1,5 +1,11 @@
 """Summary statistics of belief arrays: what dashboards, the admin and metrics show
-instead of the (encrypted) values themselves."""
+instead of the (encrypted) values themselves.
+
+Exact statistics are values of the array: min, max and mean give back any array of up to
+three elements, and each added statistic one more. So belief_summary goes only where the
+full beliefs may go (the admin, credentials with the beliefs right); belief_shape is what
+everyone else sees (README "Real-time updates", "Which statistics leave the encrypted store").
+"""
 
 import numpy as np
 
@@ -15,7 +21,16 @@ def belief_entropy(beliefs: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def belief_shape(beliefs: np.ndarray | None) -> dict | None:
+    """Shape, dtype and size: nothing computed from the values, so nothing to invert."""
+    if beliefs is None:
+        return None
+    values = np.asarray(beliefs)
+    return {"shape": list(values.shape), "dtype": str(values.dtype), "size": int(values.size)}
+
+
 def belief_summary(beliefs: np.ndarray | None) -> dict | None:
+    """belief_shape plus exact entropy, max, min, mean and variance: for readers of beliefs."""
     if beliefs is None:
         return None
     values = np.asarray(beliefs)

@@ -11,11 +11,25 @@ the next update frame the client gets {"type": "overflow", "dropped": n}. Replie
 ?conflate=<ms> there is no update queue: the connection keeps only the latest frame per
 agent and sends them as one frame per interval, so nothing is dropped and memory is
 bounded by the number of agents watched.
+
+Hostile input. A frame over WS_MAX_FRAME_BYTES closes the connection with 1009 (as
+uvicorn's --ws-max-size does before the frame reaches us); one nesting deeper than
+WS_MAX_NESTING gets an error frame before it is parsed (deep JSON raises RecursionError
+in the parser). Replies are pure ASCII JSON, so a client's lone surrogate echoed in an
+`id` cannot break the writer. Anything else that goes wrong while handling a frame is an
+error frame with code 1011; whatever escapes a handler closes with 1011. In every case
+the connection leaves its routes and groups and drops its queues (RealtimeConsumer.__call__).
+
+A refused connection never starts a channel-layer receive: cancelling channels-redis'
+receive early can lose the cancellation (redis-py 8), and that task then held uvicorn's
+shutdown at "Waiting for background tasks to complete" forever.
 """
 
 import asyncio
+import contextlib
+import functools
 import json
-import logging
+import re
 import time
 import uuid
 from collections import deque
@@ -24,6 +38,7 @@ from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.exceptions import ValidationError
 
@@ -33,16 +48,23 @@ from agents.realtime import (
     CLOSE_BAD_REQUEST,
     CLOSE_FORBIDDEN,
     CLOSE_NOT_FOUND,
+    CLOSE_SERVER_ERROR,
+    CLOSE_TOO_BIG,
     CLOSE_UNAUTHENTICATED,
-    dumps,
+    FULL_BELIEFS,
+    SHAPE_ONLY,
+    STATISTICS,
+    problems,
+    refusals,
 )
 from agents.ws_auth import SERVER_SEND, SUBPROTOCOL, Principal, query_param
-
-logger = logging.getLogger(__name__)
 
 # Error frames ({"type": "error", "code", "message", "id"}) and close reasons.
 BINARY_FRAME = "Binary frames are not supported; send JSON text."
 MALFORMED_JSON = "Frame is not valid JSON."
+FRAME_TOO_BIG = "Frame larger than {limit} bytes."
+FRAME_TOO_DEEP = "Frame nests deeper than {limit} levels."
+SERVER_ERROR = "Server error; the request was not carried out."
 NOT_AN_OBJECT = "Frame must be a JSON object."
 UNKNOWN_ACTION = "Unknown action {action!r}; expected one of: {allowed}."
 AGENT_IDS_INVALID = "agent_ids: must be a list of agent UUIDs."
@@ -50,12 +72,11 @@ NOTHING_TO_DO = "Give agent_ids, or all: true."
 FLAG_INVALID = "{name}: must be true or false."
 CONFLATE_INVALID = "conflate: must be an integer number of milliseconds in {low}..{high}."
 TOO_MANY_SUBSCRIPTIONS = "agent_ids: at most {limit} agents per connection."
+# Another tenant's id gets exactly the answer of an id that does not exist (no
+# existence oracle), as in the admin.
 AGENTS_NOT_FOUND = "agent_ids: {count} agent(s) not found: {ids}."
-AGENTS_FORBIDDEN = "agent_ids: {count} agent(s) belong to another tenant: {ids}."
 AGENT_NOT_FOUND = "No agent {agent_id}."
-AGENT_FORBIDDEN = "Agent {agent_id} belongs to another tenant."
 COALITION_NOT_FOUND = "No coalition {coalition_id}."
-COALITION_FORBIDDEN = "Coalition {coalition_id} belongs to another tenant."
 BELIEFS_FORBIDDEN = "include_beliefs: this credential may not read full beliefs."
 TOKEN_REVOKED = "API token revoked."
 UNKNOWN_PATH = "No websocket endpoint at {path}."
@@ -64,11 +85,41 @@ UNKNOWN_PATH = "No websocket endpoint at {path}."
 CONTROL_QUEUE_SIZE = 256
 # A writer hands the loop back this often, so one busy connection cannot starve the rest.
 FRAMES_PER_TURN = 64
+# How long a finished connection waits for its channel-layer receive to end once
+# cancelled (channels-redis can lose the cancellation; module docstring).
+RECEIVE_CANCEL_WAIT = 1.0
+_BRACKETS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 
 def close_reason(text: str) -> str:
-    # A close frame's reason is limited to 123 bytes of UTF-8.
-    return text.encode()[:123].decode(errors="ignore")
+    # A close frame's reason is limited to 123 bytes of UTF-8 (and must be UTF-8).
+    return text.encode(errors="replace")[:123].decode(errors="ignore")
+
+
+def dumps_ascii(value) -> str:
+    # Replies echo client input; escaped, a lone surrogate is valid JSON and encodable.
+    return json.dumps(value, separators=(",", ":"))
+
+
+def too_deep(text: str, limit: int) -> bool:
+    """Whether the JSON text nests brackets deeper than limit (strings skipped)."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    for match in _BRACKETS.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif token in "]}":
+            depth -= 1
+    return False
+
+
+def frame_too_big(text: str, limit: int) -> bool:
+    # A character is at most 4 bytes of UTF-8: most frames need no encoding to decide.
+    return len(text) * 4 > limit and len(text.encode(errors="surrogatepass")) > limit
 
 
 class Refusal(Exception):
@@ -117,18 +168,13 @@ def parse_agent_ids(value) -> list[uuid.UUID]:
 
 
 def check_ownership(ids: list[uuid.UUID], owners: dict, tenant_id) -> None:
-    """ValidationError (code 4404 or 4403) unless every id is an agent of the tenant."""
-    missing = [str(i) for i in ids if i not in owners]
+    """ValidationError (code 4404) unless every id is an agent of the tenant; another
+    tenant's agent counts as not found."""
+    missing = [str(i) for i in ids if owners.get(i) != tenant_id]
     if missing:
         raise ValidationError(
             AGENTS_NOT_FOUND.format(count=len(missing), ids=", ".join(missing[:5])),
             code=CLOSE_NOT_FOUND,
-        )
-    foreign = [str(i) for i in ids if owners[i] != tenant_id]
-    if foreign:
-        raise ValidationError(
-            AGENTS_FORBIDDEN.format(count=len(foreign), ids=", ".join(foreign[:5])),
-            code=CLOSE_FORBIDDEN,
         )
 
 
@@ -153,6 +199,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self._closing: asyncio.Task | None = None
         self._joined: list[str] = []
         self._open = False
+        self._streaming = False
         self._done = False
 
     # Subclass hooks ---------------------------------------------------------------
@@ -164,6 +211,48 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         pass
 
     # Connection lifecycle ---------------------------------------------------------
+
+    async def __call__(self, scope, receive, send):
+        # channels' AsyncConsumer.__call__, but: the channel-layer receive starts only
+        # once the connection is accepted, its cancellation is never awaited without
+        # bound, and the connection always leaves its routes and groups (module docstring).
+        self.scope = scope
+        self.channel_layer = get_channel_layer(self.channel_layer_alias)
+        self.channel_name = await self.channel_layer.new_channel()
+        self.channel_receive = functools.partial(self.channel_layer.receive, self.channel_name)
+        self.base_send = send
+        try:
+            await self.dispatch(await receive())
+            await self._dispatch_from(
+                [receive, self.channel_receive] if self._streaming else [receive]
+            )
+        except StopConsumer:
+            pass
+        except Exception as e:
+            problems.event(
+                "websocket consumer failed, closed with 1011",
+                "Websocket consumer failed; closing with 1011: %r",
+                e,
+                exc_info=True,
+            )
+            await self.teardown()
+            await self._close_quietly(CLOSE_SERVER_ERROR, SERVER_ERROR)
+        finally:
+            await self.teardown()
+
+    async def _dispatch_from(self, sources) -> None:
+        tasks = [asyncio.ensure_future(source()) for source in sources]
+        try:
+            while True:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for i, task in enumerate(tasks):
+                    if task.done():
+                        await self.dispatch(task.result())
+                        tasks[i] = asyncio.ensure_future(sources[i]())
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=RECEIVE_CANCEL_WAIT)
 
     async def dispatch(self, message):
         # channels runs close_old_connections() around every message; these consumers
@@ -191,15 +280,18 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                     raise Refusal(CLOSE_UNAUTHENTICATED, TOKEN_REVOKED)
             await self.open()
         except Refusal as refusal:
+            refusals.event(
+                f"websocket refused with {refusal.code}",
+                "Websocket refused with %d: %s",
+                refusal.code,
+                refusal.reason,
+            )
             await self.teardown()
             await self.accept(subprotocol)
             await self.close(code=refusal.code, reason=close_reason(refusal.reason))
             return
-        except BaseException:
-            # Redis or the database failed mid-way: leave the hub as we found it.
-            await self.teardown()
-            raise
         await self.accept(subprotocol)
+        self._streaming = True
         self._writer = asyncio.ensure_future(self._write())
 
     async def websocket_disconnect(self, message):
@@ -207,21 +299,29 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         raise StopConsumer()
 
     async def teardown(self) -> None:
-        """Leave every route and group; safe to call more than once."""
+        """Leave every route and group and drop the queues; safe to call more than once."""
         if self._done:
             return
         self._done = True
-        if self._writer is not None:
+        if self._writer is not None and self._writer is not asyncio.current_task():
             self._writer.cancel()
+        self._control.clear()
+        self._updates.clear()
+        self._latest = None
         if not self._open:
             return
         try:
             await self.close_routes()
             for group in self._joined:
-                await self.channel_layer.group_discard(group, self.channel_name)
+                async with realtime.hub().layer_slots:
+                    await self.channel_layer.group_discard(group, self.channel_name)
         except Exception as e:
             # Memberships expire on their own (channels-redis group_expiry).
-            logger.warning("Leaving real-time groups failed: %s", e)
+            problems.event(
+                "websocket group leave failed",
+                "Leaving real-time groups failed (members expire): %s",
+                e,
+            )
         finally:
             await realtime.hub().leave(self)
 
@@ -229,18 +329,22 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if self._done:
             return
         await self.teardown()
-        try:
+        await self._close_quietly(code, reason)
+
+    async def _close_quietly(self, code: int, reason: str) -> None:
+        # Already closed, or the client is gone: nothing left to tell it.
+        with contextlib.suppress(Exception):
             await self.close(code=code, reason=close_reason(reason))
-        except Exception as e:
-            logger.debug("Closing a websocket that is already gone: %s", e)
 
     async def join_group(self, group: str) -> None:
-        await self.channel_layer.group_add(group, self.channel_name)
+        async with realtime.hub().layer_slots:
+            await self.channel_layer.group_add(group, self.channel_name)
         self._joined.append(group)
 
     async def refresh_groups(self) -> None:
         for group in self._joined:
-            await self.channel_layer.group_add(group, self.channel_name)
+            async with realtime.hub().layer_slots:
+                await self.channel_layer.group_add(group, self.channel_name)
 
     # Channel-layer events ---------------------------------------------------------
 
@@ -254,7 +358,12 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
     # Outbound ---------------------------------------------------------------------
 
+    def belief_access(self, agent_id: str) -> int:
+        return SHAPE_ONLY
+
     def push(self, agent_id: str, frame: str) -> None:
+        if self._done:
+            return
         if self._latest is not None:
             self._latest[agent_id] = frame
             return
@@ -266,7 +375,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     def reply(self, content: dict, request: dict | None = None) -> None:
         if request is not None and "id" in request:
             content["id"] = request["id"]
-        self._control.append(dumps(content))
+        self._control.append(dumps_ascii(content))
         self._wake.set()
 
     def error(self, message: str, code: int = CLOSE_BAD_REQUEST, request=None) -> None:
@@ -275,7 +384,13 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     def _next_update(self) -> str:
         if self._dropped:
             dropped, self._dropped = self._dropped, 0
-            return dumps({"type": "overflow", "dropped": dropped})
+            problems.event(
+                "websocket update frames dropped for slow clients",
+                "Dropped %d update frame(s) for a slow websocket client",
+                dropped,
+                count=dropped,
+            )
+            return dumps_ascii({"type": "overflow", "dropped": dropped})
         return self._updates.popleft()
 
     async def _write(self) -> None:
@@ -309,18 +424,39 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                         await send({"type": "websocket.send", "text": text})
         except asyncio.CancelledError:
             raise
+        except OSError:
+            # The client went away mid-send (uvicorn's ClientDisconnected); the
+            # disconnect follows.
+            pass
         except Exception as e:
-            # The client went away mid-send; websocket_disconnect follows.
-            logger.debug("Websocket writer stopped: %s", e)
+            # A connection whose writer is dead would queue for ever: close it.
+            problems.event(
+                "websocket writer failed, closed with 1011",
+                "Websocket writer failed; closing with 1011: %r",
+                e,
+                exc_info=True,
+            )
+            self._closing = asyncio.ensure_future(self.close_with(CLOSE_SERVER_ERROR, SERVER_ERROR))
 
     # Inbound ----------------------------------------------------------------------
 
     async def receive(self, text_data=None, bytes_data=None):
         if text_data is None:
             return self.error(BINARY_FRAME)
+        size_limit = getattr(settings, "WS_MAX_FRAME_BYTES", 512 * 1024)
+        if frame_too_big(text_data, size_limit):
+            refusals.event(
+                "websocket frame too big, closed with 1009",
+                "Websocket frame over %d bytes; closing with 1009",
+                size_limit,
+            )
+            return await self.close_with(CLOSE_TOO_BIG, FRAME_TOO_BIG.format(limit=size_limit))
+        depth_limit = getattr(settings, "WS_MAX_NESTING", 8)
+        if too_deep(text_data, depth_limit):
+            return self.error(FRAME_TOO_DEEP.format(limit=depth_limit))
         try:
             content = json.loads(text_data)
-        except ValueError:
+        except (ValueError, RecursionError):
             return self.error(MALFORMED_JSON)
         if not isinstance(content, dict):
             return self.error(NOT_AN_OBJECT)
@@ -334,6 +470,15 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await getattr(self, f"action_{action}")(content)
         except ValidationError as e:
             self.error(e.messages[0], code=e.code or CLOSE_BAD_REQUEST, request=content)
+        except Exception as e:
+            problems.event(
+                "websocket request failed",
+                "Websocket %r request failed: %r",
+                action,
+                e,
+                exc_info=True,
+            )
+            self.error(SERVER_ERROR, code=CLOSE_SERVER_ERROR, request=content)
 
     async def action_ping(self, content):
         self.reply({"type": "pong", "timestamp": time.time()}, content)
@@ -353,8 +498,12 @@ class AgentConsumer(RealtimeConsumer):
         self.all_beliefs = False
         self.agents: dict[str, bool] = {}
 
-    def wants_beliefs(self, agent_id: str) -> bool:
-        return self.all_beliefs or self.agents.get(agent_id, False)
+    def belief_access(self, agent_id: str) -> int:
+        if not self.principal.can_read_beliefs:
+            return SHAPE_ONLY
+        if self.all_beliefs or self.agents.get(agent_id, False):
+            return FULL_BELIEFS
+        return STATISTICS
 
     async def open(self) -> None:
         try:
@@ -383,10 +532,8 @@ class AgentConsumer(RealtimeConsumer):
         except ValueError:
             raise Refusal(CLOSE_NOT_FOUND, AGENT_NOT_FOUND.format(agent_id=path_id)) from None
         owners = await database_sync_to_async(realtime.agent_tenants)([agent_id])
-        if agent_id not in owners:
+        if owners.get(agent_id) != self.principal.tenant_id:
             raise Refusal(CLOSE_NOT_FOUND, AGENT_NOT_FOUND.format(agent_id=agent_id))
-        if owners[agent_id] != self.principal.tenant_id:
-            raise Refusal(CLOSE_FORBIDDEN, AGENT_FORBIDDEN.format(agent_id=agent_id))
         return str(agent_id)
 
     def _watch_all(self, beliefs: bool) -> None:
@@ -455,10 +602,12 @@ class AgentConsumer(RealtimeConsumer):
         self.reply({"type": "unsubscribed", "agent_ids": ids, "all": everything}, content)
 
 
-class UnknownPathConsumer(AsyncWebsocketConsumer):
-    """Any other /ws/ path: accept, then close with 4404, as for an unknown id."""
-
-    async def connect(self):
-        await self.accept()
-        reason = close_reason(UNKNOWN_PATH.format(path=self.scope["path"]))
-        await self.close(code=CLOSE_NOT_FOUND, reason=reason)
+async def unknown_path(scope, receive, send):
+    """Any other /ws/ path: accept, then close with 4404, as for an unknown id. A plain
+    ASGI callable: no channel layer, nothing left running once it returns."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    reason = close_reason(UNKNOWN_PATH.format(path=scope["path"]))
+    await send({"type": "websocket.close", "code": CLOSE_NOT_FOUND, "reason": reason})

@@ -20,8 +20,15 @@ the receiving side). Per-agent channel-layer groups would cost ~8,000 round trip
 1,000 updates. Coalition events and revocation notices, which reach consumers' own
 channels, use the default layer. Measured in docs/BENCH-realtime.md.
 
-Beliefs never cross Redis in clear: messages carry the same Fernet token PostgreSQL
-stores, and the hub decrypts it only when a connection that may read beliefs asked for them.
+Beliefs never cross Redis in clear, nor does anything computed from their values: a
+message carries the same Fernet token PostgreSQL stores and the array's shape, dtype and
+size (agents.beliefs.belief_shape). Exact statistics are values of the array (min, max and
+mean give back any array of up to three elements), so the hub computes them from the
+token at send time, and only for connections that may read beliefs; full arrays only for
+those that also asked for them.
+
+Failures, drops and refusals are logged through SummaryLog: the first of each kind at
+once, then a count per LOG_SUMMARY_SECONDS, so an outage is never silent nor floods.
 """
 
 import asyncio
@@ -45,19 +52,29 @@ from channels.layers import channel_layers, get_channel_layer
 from django.conf import settings
 from django.db import transaction
 
-from agents.beliefs import belief_summary
+from agents.beliefs import belief_shape, belief_summary
 from agents.encryption import decrypt_array, encrypt_array
 from agents.exceptions import BeliefStateError
 from agents.models import Agent
 from agents.types import AgentState
+from freeagentics.log_summary import SummaryLog
 
 logger = logging.getLogger(__name__)
+
+# Failures and drops (WARNING), and refused connections (INFO: expected, but counted).
+problems = SummaryLog(logger, interval=getattr(settings, "LOG_SUMMARY_SECONDS", 60.0))
+refusals = SummaryLog(
+    logger, interval=getattr(settings, "LOG_SUMMARY_SECONDS", 60.0), level=logging.INFO
+)
 
 # Close codes (README "Real-time updates" documents each).
 CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
+# Standard codes: a frame over the size limit, and a server error.
+CLOSE_TOO_BIG = 1009
+CLOSE_SERVER_ERROR = 1011
 
 EVENT_CREATED = "agent.created"
 EVENT_UPDATED = "agent.updated"
@@ -110,52 +127,6 @@ def agent_data(state: AgentState) -> dict:
     return data
 
 
-def belief_summaries(arrays: Sequence[np.ndarray | None]) -> list[dict | None]:
-    """agents.beliefs.belief_summary of each array (None for None), computed once per
-    group of arrays with the same shape and dtype. Per-call numpy overhead dominates
-    small arrays: this is ~8x faster for a batch of 1,000 eight-element beliefs."""
-    summaries: list[dict | None] = [None] * len(arrays)
-    groups: dict[tuple, list[int]] = {}
-    for i, array in enumerate(arrays):
-        if array is not None:
-            groups.setdefault((array.shape, array.dtype.str), []).append(i)
-    for (shape, _), indexes in groups.items():
-        first = arrays[indexes[0]]
-        if len(indexes) == 1 or first.size == 0:
-            for i in indexes:
-                summaries[i] = belief_summary(arrays[i])
-            continue
-        x = np.stack([arrays[i] for i in indexes]).reshape(len(indexes), -1)
-        x = x.astype(np.float64, copy=False)
-        # belief_entropy, row by row: the positive values read as a distribution.
-        positive = np.where(x > 0, x, 0.0)
-        total = positive.sum(axis=1)
-        p = positive / np.where(total > 0, total, 1.0)[:, None]
-        terms = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
-        entropy = np.where(total > 0, -terms.sum(axis=1), 0.0)
-        columns = zip(
-            entropy.tolist(),
-            x.max(axis=1).tolist(),
-            x.min(axis=1).tolist(),
-            x.mean(axis=1).tolist(),
-            x.var(axis=1).tolist(),
-            strict=True,
-        )
-        dtype, size = str(first.dtype), int(first.size)
-        for i, (e, high, low, mean, variance) in zip(indexes, columns, strict=True):
-            summaries[i] = {
-                "shape": list(shape),
-                "dtype": dtype,
-                "size": size,
-                "entropy": e,
-                "max": high,
-                "min": low,
-                "mean": mean,
-                "variance": variance,
-            }
-    return summaries
-
-
 def _batches(tenant_id: str, agents: list, frames: list, tokens: list) -> list[tuple[str, dict]]:
     chunk = max(1, settings.REALTIME_PUBLISH_CHUNK)
     return [
@@ -175,13 +146,13 @@ def _batches(tenant_id: str, agents: list, frames: list, tokens: list) -> list[t
 
 def _state_batch(tenant_id: str, event: str, items: list, timestamp: float) -> list:
     agents, frames, tokens = [], [], []
-    summaries = belief_summaries([beliefs for _, beliefs, _ in items])
-    for (state, beliefs, token), summary in zip(items, summaries, strict=True):
+    for state, beliefs, token in items:
         data = agent_data(state)
         # Present when the change set beliefs (absent means unchanged); a new agent's
-        # summary is null when it has none.
+        # summary is null when it has none. Only what every subscriber may see: the hub
+        # adds the exact statistics for those who may read beliefs (module docstring).
         if beliefs is not None or event == EVENT_CREATED:
-            data["belief_summary"] = summary
+            data["belief_summary"] = belief_shape(beliefs)
         if beliefs is not None and token is None:
             token = encrypt_array(beliefs)
         agent_id = str(state.id)
@@ -273,8 +244,9 @@ class Publisher:
 
     Started lazily (and again after a fork). Jobs are callables returning
     [(group, message)]; building runs here, off the writer's path. Queued batches for
-    the same tenant merge into one message. A Redis failure is logged once per outage
-    and the messages are dropped: the writes they announce are already committed.
+    the same tenant merge into one message. A Redis failure drops the messages (the
+    writes they announce are already committed); failures and drops are counted in
+    the log (SummaryLog), and recovery is logged.
     """
 
     def __init__(self):
@@ -283,22 +255,22 @@ class Publisher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue | None = None
         self._backlog = 0
-        self._full = False
         self._failing = False
 
     def submit(self, job: Callable[[], list]) -> None:
         loop = self._started()
         with self._lock:
-            if self._backlog >= settings.REALTIME_PUBLISH_BACKLOG:
-                # Redis is stuck: bound memory, as channels-redis bounds its own queues.
-                if not self._full:
-                    self._full = True
-                    logger.warning(
-                        "Real-time publisher backlog full (%d jobs); dropping", self._backlog
-                    )
-                return
-            self._full = False
-            self._backlog += 1
+            full = self._backlog >= settings.REALTIME_PUBLISH_BACKLOG
+            if not full:
+                self._backlog += 1
+        if full:
+            # Redis is stuck: bound memory, as channels-redis bounds its own queues.
+            problems.event(
+                "realtime publisher backlog full, updates dropped",
+                "Real-time publisher backlog full (%d jobs); dropping updates",
+                settings.REALTIME_PUBLISH_BACKLOG,
+            )
+            return
         loop.call_soon_threadsafe(self._queue.put_nowait, job)
 
     def flush(self, timeout: float = 5.0) -> bool:
@@ -359,8 +331,13 @@ class Publisher:
         for job in jobs:
             try:
                 messages = job()
-            except Exception:
-                logger.exception("Building a real-time message failed; it is dropped")
+            except Exception as e:
+                problems.event(
+                    "realtime message build failed, dropped",
+                    "Building a real-time message failed; it is dropped: %r",
+                    e,
+                    exc_info=True,
+                )
                 continue
             for group, message in messages:
                 batch = open_batches.get(group) if message["type"] == BATCH else None
@@ -376,11 +353,12 @@ class Publisher:
             try:
                 await layer.group_send(group, message)
             except Exception as e:
-                if not self._failing:
-                    self._failing = True
-                    logger.warning(
-                        "Real-time publish failed; dropping updates until it works: %s", e
-                    )
+                self._failing = True
+                problems.event(
+                    "realtime publish failed, messages dropped",
+                    "Real-time publish failed; dropping updates until it works: %s",
+                    e,
+                )
                 continue
             if self._failing:
                 self._failing = False
@@ -400,22 +378,34 @@ class Connection(Protocol):
 
     def push(self, agent_id: str, frame: str) -> None: ...
 
-    def wants_beliefs(self, agent_id: str) -> bool: ...
+    def belief_access(self, agent_id: str) -> int:
+        """SHAPE_ONLY, STATISTICS or FULL_BELIEFS for this agent's frames."""
 
     def revoke(self) -> None: ...
 
     async def refresh_groups(self) -> None: ...
 
 
-def _with_beliefs(agent_id: str, frame: str, token: bytes) -> str:
+# What a connection may see of an agent's beliefs (Connection.belief_access).
+SHAPE_ONLY, STATISTICS, FULL_BELIEFS = 0, 1, 2
+
+
+def _with_beliefs(agent_id: str, frame: str, token: bytes, access: int) -> str:
     try:
         beliefs = decrypt_array(token, label=_BELIEFS_LABEL)
     except BeliefStateError:
-        # The summary still goes out; the operator fixes the keys (see rotate_encryption_keys).
-        logger.exception("Cannot decrypt the beliefs of agent %s for streaming", agent_id)
+        # The shape still goes out; the operator fixes the keys (see rotate_encryption_keys).
+        problems.event(
+            "realtime beliefs undecryptable",
+            "Cannot decrypt the beliefs of agent %s for streaming",
+            agent_id,
+            exc_info=True,
+        )
         return frame
     message = json.loads(frame)
-    message["data"]["beliefs"] = beliefs.tolist()
+    message["data"]["belief_summary"] = belief_summary(beliefs)
+    if access == FULL_BELIEFS:
+        message["data"]["beliefs"] = beliefs.tolist()
     return dumps(message)
 
 
@@ -452,27 +442,35 @@ class Routes:
             for conn in targets:
                 conn.push(agent_id, frame)
             return
-        rich = None
+        # Built at most once per access level, however many connections share it.
+        frames = {SHAPE_ONLY: frame}
         for conn in targets:
-            if conn.wants_beliefs(agent_id):
-                if rich is None:
-                    rich = _with_beliefs(agent_id, frame, token)
-                conn.push(agent_id, rich)
-            else:
-                conn.push(agent_id, frame)
+            access = conn.belief_access(agent_id)
+            built = frames.get(access)
+            if built is None:
+                built = frames[access] = _with_beliefs(agent_id, frame, token, access)
+            conn.push(agent_id, built)
 
 
 class Hub:
     """One per event loop (so per server process). Joins the tenant groups its
     connections need, routes each batch to them, and does per-process upkeep: re-checks
     API tokens (a backstop to the revocation notice) and renews group memberships
-    before channels-redis expires them."""
+    before channels-redis expires them.
+
+    `layer_slots` bounds the process's concurrent channel-layer group operations of
+    consumers: hundreds of sockets closing at once (a restart, a network blip) would
+    otherwise ask redis-py's pool for more connections than it has ("Too many
+    connections") and leave stale members behind."""
 
     def __init__(self, layer):
         self.layer = layer
         self.channel: str | None = None
         self.tenants: dict[str, Routes] = {}
         self.connections: set[Connection] = set()
+        self.layer_slots = asyncio.Semaphore(
+            max(1, getattr(settings, "WS_GROUP_OPS_CONCURRENCY", 8))
+        )
         self._lock = asyncio.Lock()
         self._receiver: asyncio.Task | None = None
         self._upkeep: asyncio.Task | None = None
@@ -540,9 +538,12 @@ class Hub:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                if not failing:
-                    failing = True
-                    logger.warning("Real-time hub cannot read the channel layer; retrying: %s", e)
+                failing = True
+                problems.event(
+                    "realtime hub channel-layer reads failed",
+                    "Real-time hub cannot read the channel layer; retrying: %s",
+                    e,
+                )
                 await asyncio.sleep(1)
                 continue
             if failing:
@@ -562,8 +563,13 @@ class Hub:
                     await self._refresh_groups()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                logger.exception("Real-time hub upkeep failed; retrying next round")
+            except Exception as e:
+                problems.event(
+                    "realtime hub upkeep failed",
+                    "Real-time hub upkeep failed; retrying next round: %r",
+                    e,
+                    exc_info=True,
+                )
 
     async def _recheck_tokens(self) -> None:
         from agents.api_tokens import api_tokens_active
@@ -604,6 +610,6 @@ def hub() -> Hub:
 
 
 def agent_tenants(agent_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, uuid.UUID]:
-    """{agent_id: tenant_id} for those of agent_ids that exist, whatever their tenant:
-    consumers tell "not yours" (4403) from "no such agent" (4404)."""
+    """{agent_id: tenant_id} for those of agent_ids that exist, whatever their tenant
+    (consumers answer another tenant's agent as one that does not exist)."""
     return dict(Agent.objects.filter(pk__in=list(agent_ids)).values_list("pk", "tenant_id"))

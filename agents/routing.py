@@ -2,7 +2,7 @@
 
 from django.urls import path, re_path
 
-from agents.consumers import AgentConsumer, UnknownPathConsumer
+from agents.consumers import AgentConsumer, unknown_path
 from coalitions.consumers import CoalitionConsumer
 
 websocket_urlpatterns = [
@@ -10,5 +10,5 @@ websocket_urlpatterns = [
     # str, not uuid: a malformed id must get close code 4404, not a routing error.
     path("ws/agents/<str:agent_id>/", AgentConsumer.as_asgi()),
     path("ws/coalitions/<str:coalition_id>/", CoalitionConsumer.as_asgi()),
-    re_path(r"", UnknownPathConsumer.as_asgi()),
+    re_path(r"", unknown_path),
 ]

@@ -6,13 +6,15 @@ consumer accepts, then closes with Principal.refusal (README "Real-time updates"
 
 Credentials, first found wins: `Authorization: Bearer <token>`; the subprotocol
 `bearer.<token>` offered next to `freeagentics.v1` (browsers cannot set headers); the
-`token` query parameter (WS_TOKEN_QUERY_PARAM; it ends up in access logs); else the
-Django session cookie.
+`token` query parameter (WS_TOKEN_QUERY_PARAM; RedactTokenFilter keeps it out of the
+server's logs, not out of a proxy's); else the Django session cookie.
 """
 
+import logging
+import re
 import uuid
 from dataclasses import dataclass
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlparse
 
 from channels.auth import AuthMiddlewareStack
 from channels.db import database_sync_to_async
@@ -28,6 +30,7 @@ from agents.realtime import (
     CLOSE_FORBIDDEN,
     CLOSE_NOT_FOUND,
     CLOSE_UNAUTHENTICATED,
+    refusals,
 )
 
 SUBPROTOCOL = "freeagentics.v1"
@@ -173,14 +176,39 @@ def allowed_origins() -> list[str]:
     return hosts
 
 
+async def deny_handshake(scope, receive, send):
+    """Refuse the handshake (uvicorn answers HTTP 403) and return. channels' own
+    WebsocketDenier starts a channel-layer receive first, whose cancellation could be
+    lost: the task then held uvicorn's shutdown for ever (agents.consumers docstring)."""
+    message = await receive()
+    if message["type"] == "websocket.connect":
+        await send({"type": "websocket.close"})
+
+
 class RealtimeOriginValidator(OriginValidator):
     """Refuses the handshake (HTTP 403) when a browser's Origin is not allowed
-    (WS_ALLOWED_ORIGINS, default ALLOWED_HOSTS). A handshake without Origin passes:
-    cross-site websocket hijacking needs a browser, browsers always send Origin, and
-    non-browser token clients often send none."""
+    (WS_ALLOWED_ORIGINS, default ALLOWED_HOSTS) or cannot be parsed. A handshake without
+    Origin passes: cross-site websocket hijacking needs a browser, browsers always send
+    Origin, and non-browser token clients often send none."""
 
     def __init__(self, application):
         super().__init__(application, allowed_origins=[])
+
+    async def __call__(self, scope, receive, send):
+        try:
+            origins = [
+                urlparse(value.decode("latin-1"))
+                for name, value in scope.get("headers", [])
+                if name == b"origin"
+            ]
+            allowed = self.valid_origin(origins[-1] if origins else None)
+        except ValueError:
+            # e.g. "http://[::1": urlparse raises on a malformed IPv6 host.
+            allowed = False
+        if allowed:
+            return await self.application(scope, receive, send)
+        refusals.event("websocket origin refused", "Websocket handshake refused for its Origin")
+        return await deny_handshake(scope, receive, send)
 
     def valid_origin(self, parsed_origin) -> bool:
         if parsed_origin is None:
@@ -193,3 +221,25 @@ class RealtimeOriginValidator(OriginValidator):
             pattern == "*" or self.match_allowed_origin(parsed_origin, pattern)
             for pattern in allowed_origins()
         )
+
+
+_QUERY_TOKEN = re.compile(r"([?&]token=)[^&\s\"']*")
+
+
+class RedactTokenFilter(logging.Filter):
+    """Replaces the value of a `token` query parameter in log records with [redacted]:
+    uvicorn logs every websocket handshake's path with its query string."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message:
+            record.msg, record.args = _QUERY_TOKEN.sub(r"\1[redacted]", message), None
+        return True
+
+
+def redact_tokens_in_server_logs() -> None:
+    """Install RedactTokenFilter on the loggers the ASGI server writes requests to."""
+    for name in ("uvicorn.error", "uvicorn.access", "daphne.server", "daphne.http_protocol"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokenFilter) for f in log.filters):
+            log.addFilter(RedactTokenFilter())

@@ -4,8 +4,8 @@ import uuid
 
 from channels.db import database_sync_to_async
 
-from agents.consumers import COALITION_FORBIDDEN, COALITION_NOT_FOUND, RealtimeConsumer, Refusal
-from agents.realtime import CLOSE_FORBIDDEN, CLOSE_NOT_FOUND
+from agents.consumers import COALITION_NOT_FOUND, RealtimeConsumer, Refusal
+from agents.realtime import CLOSE_NOT_FOUND
 from coalitions.realtime import coalition_group, coalition_tenant
 
 
@@ -21,11 +21,10 @@ class CoalitionConsumer(RealtimeConsumer):
             raise Refusal(
                 CLOSE_NOT_FOUND, COALITION_NOT_FOUND.format(coalition_id=path_id)
             ) from None
+        # Another tenant's coalition is answered as one that does not exist.
         tenant_id = await database_sync_to_async(coalition_tenant)(coalition_id)
-        if tenant_id is None:
-            raise Refusal(CLOSE_NOT_FOUND, COALITION_NOT_FOUND.format(coalition_id=coalition_id))
         if tenant_id != self.principal.tenant_id:
-            raise Refusal(CLOSE_FORBIDDEN, COALITION_FORBIDDEN.format(coalition_id=coalition_id))
+            raise Refusal(CLOSE_NOT_FOUND, COALITION_NOT_FOUND.format(coalition_id=coalition_id))
         await self.join_group(coalition_group(coalition_id))
 
     async def realtime_frame(self, event):

@@ -60,6 +60,5 @@ def publish_status_changed(coalition: Coalition) -> None:
 
 
 def coalition_tenant(coalition_id: uuid.UUID) -> uuid.UUID | None:
-    """The coalition's tenant id, or None if there is no such coalition (any tenant's:
-    the consumer tells 4403 from 4404)."""
+    """The coalition's tenant id, or None if there is no such coalition."""
     return Coalition.objects.filter(pk=coalition_id).values_list("tenant_id", flat=True).first()

@@ -16,7 +16,15 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from agents.routing import websocket_urlpatterns  # noqa: E402
-from agents.ws_auth import RealtimeAuthStack, RealtimeOriginValidator  # noqa: E402
+from agents.ws_auth import (  # noqa: E402
+    RealtimeAuthStack,
+    RealtimeOriginValidator,
+    redact_tokens_in_server_logs,
+)
+
+# After django.setup() configured logging: uvicorn logs each handshake's query string,
+# where a client may have put its token (?token=).
+redact_tokens_in_server_logs()
 
 # Everything imported so far lives as long as the process: keep it out of the cyclic
 # garbage collector's full passes, which otherwise stall every websocket of the process

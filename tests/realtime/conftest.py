@@ -3,6 +3,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -53,9 +54,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
 @contextlib.contextmanager
-def running_uvicorn(log_path: Path, **env):
-    """uvicorn serving freeagentics.asgi on a free loopback port; yields ws://host:port."""
+def running_uvicorn(log_path: Path, *, log_level: str = "warning", **env):
+    """uvicorn serving freeagentics.asgi on a free loopback port, with the run command's
+    flags (scripts/devstack.py) but no forced graceful-shutdown timeout; yields a Server."""
     port = _free_port()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -69,7 +81,11 @@ def running_uvicorn(log_path: Path, **env):
                 "--port",
                 str(port),
                 "--log-level",
-                "warning",
+                log_level,
+                "--lifespan",
+                "off",
+                "--ws-per-message-deflate",
+                "false",
             ],
             cwd=ROOT,
             env=server_env(env),
@@ -88,7 +104,7 @@ def running_uvicorn(log_path: Path, **env):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"uvicorn did not start: {log_path.read_text()[-2000:]}")
             time.sleep(0.1)
-        yield f"ws://127.0.0.1:{port}"
+        yield Server(f"ws://127.0.0.1:{port}", proc, log_path)
     finally:
         proc.terminate()
         try:
@@ -101,12 +117,19 @@ def running_uvicorn(log_path: Path, **env):
 @pytest.fixture(scope="session")
 def asgi_server(django_db_setup, django_db_blocker, tmp_path_factory):
     """A real uvicorn process serving the project on loopback, pointed at the test database."""
-    with running_uvicorn(tmp_path_factory.mktemp("uvicorn") / "server.log") as url:
-        yield url
+    with running_uvicorn(tmp_path_factory.mktemp("uvicorn") / "server.log") as server:
+        yield server.url
 
 
 @pytest.fixture
 def small_queue_server(django_db_setup, tmp_path):
     """A real uvicorn process whose connections queue at most 4 update frames."""
-    with running_uvicorn(tmp_path / "server.log", WS_QUEUE_SIZE="4") as url:
-        yield url
+    with running_uvicorn(tmp_path / "server.log", WS_QUEUE_SIZE="4") as server:
+        yield server.url
+
+
+@pytest.fixture
+def info_server(django_db_setup, tmp_path):
+    """A real uvicorn process of its own, logging at INFO (every handshake's path)."""
+    with running_uvicorn(tmp_path / "server.log", log_level="info") as server:
+        yield server

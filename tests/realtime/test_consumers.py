@@ -10,9 +10,10 @@ from django.db import transaction
 
 from agents.api_tokens import api_token_revoke
 from agents.consumers import (
-    AGENTS_FORBIDDEN,
+    AGENT_NOT_FOUND,
     AGENTS_NOT_FOUND,
     BELIEFS_FORBIDDEN,
+    COALITION_NOT_FOUND,
     MALFORMED_JSON,
     NOT_AN_OBJECT,
     AgentConsumer,
@@ -94,11 +95,13 @@ async def test_tenant_stream_carries_every_agent_of_the_tenant_and_none_of_anoth
     assert other_received["agent_id"] == str(theirs.id)
 
 
-async def test_belief_summary_by_default_and_full_beliefs_only_when_asked_and_allowed(
+@pytest.mark.reliability("tenant walls")
+async def test_beliefs_by_right_shape_for_all_statistics_for_readers_arrays_when_asked(
     tenant, token, beliefs_token
 ):
     agent = await db(factories.make_agent, tenant)
-    beliefs = np.array([[0.5, 0.25], [0.125, 0.125]])
+    # Three elements: exact min, max and mean would give this array back.
+    beliefs = np.array([0.125, 0.5, 0.375])
     async with (
         communicator("/ws/agents/", headers=bearer(token[1])) as plain,
         communicator("/ws/agents/", headers=bearer(beliefs_token[1])) as allowed_not_asking,
@@ -107,13 +110,19 @@ async def test_belief_summary_by_default_and_full_beliefs_only_when_asked_and_al
         await db(
             agent_update_state, tenant=tenant, update=AgentStateUpdate(agent.id, beliefs=beliefs)
         )
-        for comm in (plain, allowed_not_asking):
-            data = (await next_json(comm))["data"]
-            assert "beliefs" not in data
-            assert data["belief_summary"]["shape"] == [2, 2]
-        data = (await next_json(asking))["data"]
-    assert data["beliefs"] == beliefs.tolist()
-    assert data["belief_summary"]["max"] == 0.5
+        plain_data = (await next_json(plain))["data"]
+        reader_data = (await next_json(allowed_not_asking))["data"]
+        asking_data = (await next_json(asking))["data"]
+    assert plain_data["belief_summary"] == {"shape": [3], "dtype": "float64", "size": 3}
+    assert "beliefs" not in plain_data
+    assert "beliefs" not in reader_data
+    assert (reader_data["belief_summary"]["min"], reader_data["belief_summary"]["max"]) == (
+        0.125,
+        0.5,
+    )
+    assert reader_data["belief_summary"]["mean"] == pytest.approx(1 / 3)
+    assert asking_data["beliefs"] == beliefs.tolist()
+    assert asking_data["belief_summary"] == reader_data["belief_summary"]
 
 
 async def test_asking_for_beliefs_without_permission_is_refused_with_4403(tenant, token):
@@ -173,21 +182,26 @@ async def test_subscribe_to_the_whole_stream_then_leave_it(tenant, token):
     assert message["agent_id"] == str(watched.id)
 
 
-async def test_subscribing_to_unknown_or_foreign_agents_is_an_error_frame(
+@pytest.mark.reliability("tenant walls")
+async def test_subscribing_to_another_tenants_agent_answers_as_for_an_unknown_id(
     tenant, other_tenant, token
 ):
     mine = await db(factories.make_agent, tenant)
     theirs = await db(factories.make_agent, other_tenant)
     unknown = "00000000-0000-4000-8000-000000000000"
+    answers = {}
     async with communicator("/ws/agents/", headers=bearer(token[1])) as comm:
-        await comm.send_json_to({"action": "subscribe", "agent_ids": [str(mine.id), unknown]})
-        not_found = await next_json(comm)
-        await comm.send_json_to({"action": "subscribe", "agent_ids": [str(theirs.id)]})
-        forbidden = await next_json(comm)
-    assert not_found["code"] == CLOSE_NOT_FOUND
-    assert not_found["message"] == AGENTS_NOT_FOUND.format(count=1, ids=unknown)
-    assert forbidden["code"] == CLOSE_FORBIDDEN
-    assert forbidden["message"] == AGENTS_FORBIDDEN.format(count=1, ids=theirs.id)
+        for name, other_id in (("unknown", unknown), ("foreign", str(theirs.id))):
+            await comm.send_json_to({"action": "subscribe", "agent_ids": [str(mine.id), other_id]})
+            answer = await next_json(comm)
+            # The same text but for the id itself: no existence oracle.
+            answers[name] = {**answer, "message": answer["message"].replace(other_id, "<id>")}
+    assert answers["unknown"] == answers["foreign"]
+    assert answers["unknown"] == {
+        "type": "error",
+        "code": CLOSE_NOT_FOUND,
+        "message": AGENTS_NOT_FOUND.format(count=1, ids="<id>"),
+    }
 
 
 @pytest.mark.parametrize(
@@ -239,22 +253,37 @@ async def test_revoked_token_closes_with_4401(tenant, token):
         assert await close_code(comm) == CLOSE_UNAUTHENTICATED
 
 
-async def test_another_tenants_agent_closes_with_4403(tenant, other_tenant, token):
-    theirs = await db(factories.make_agent, other_tenant)
-    async with communicator(f"/ws/agents/{theirs.id}/", headers=bearer(token[1])) as comm:
-        assert await close_code(comm) == CLOSE_FORBIDDEN
+async def close_frame(comm) -> tuple[int, str]:
+    message = await comm.receive_output(5)
+    assert message["type"] == "websocket.close", message
+    return message["code"], message["reason"]
+
+
+@pytest.mark.reliability("tenant walls")
+@pytest.mark.parametrize(
+    ("kind", "make", "not_found"),
+    [
+        ("agents", factories.make_agent, AGENT_NOT_FOUND.format(agent_id="<id>")),
+        ("coalitions", factories.make_coalition, COALITION_NOT_FOUND.format(coalition_id="<id>")),
+    ],
+)
+async def test_another_tenants_id_closes_exactly_as_an_unknown_id(
+    tenant, other_tenant, token, kind, make, not_found
+):
+    theirs = str((await db(make, other_tenant)).id)
+    unknown = "00000000-0000-4000-8000-000000000000"
+    answers = []
+    for other_id in (theirs, unknown):
+        async with communicator(f"/ws/{kind}/{other_id}/", headers=bearer(token[1])) as comm:
+            code, reason = await close_frame(comm)
+            answers.append((code, reason.replace(other_id, "<id>")))
+    assert answers == [(CLOSE_NOT_FOUND, not_found)] * 2
 
 
 @pytest.mark.parametrize("agent_id", ["00000000-0000-4000-8000-000000000000", "not-a-uuid"])
 async def test_unknown_agent_closes_with_4404(tenant, token, agent_id):
     async with communicator(f"/ws/agents/{agent_id}/", headers=bearer(token[1])) as comm:
         assert await close_code(comm) == CLOSE_NOT_FOUND
-
-
-async def test_another_tenants_coalition_closes_with_4403(tenant, other_tenant, token):
-    theirs = await db(factories.make_coalition, other_tenant)
-    async with communicator(f"/ws/coalitions/{theirs.id}/", headers=bearer(token[1])) as comm:
-        assert await close_code(comm) == CLOSE_FORBIDDEN
 
 
 @pytest.mark.parametrize("coalition_id", ["00000000-0000-4000-8000-000000000000", "x"])

@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from agents.api_tokens import api_token_revoke
 from agents.consumers import MALFORMED_JSON
-from agents.realtime import CLOSE_FORBIDDEN, CLOSE_NOT_FOUND, CLOSE_UNAUTHENTICATED
+from agents.realtime import CLOSE_NOT_FOUND, CLOSE_UNAUTHENTICATED
 from agents.services import agent_update_state
 from agents.types import AgentStateUpdate
 from agents.ws_auth import SUBPROTOCOL
@@ -76,7 +76,7 @@ async def test_token_revoked_mid_session_closes_with_4401(asgi_server, tenant, t
 async def test_close_codes_reach_a_real_client(asgi_server, tenant, other_tenant, token):
     theirs = await db(factories.make_agent, other_tenant)
     cases = [
-        (f"/ws/agents/{theirs.id}/", token[1], CLOSE_FORBIDDEN),
+        (f"/ws/agents/{theirs.id}/", token[1], CLOSE_NOT_FOUND),
         ("/ws/agents/00000000-0000-4000-8000-000000000000/", token[1], CLOSE_NOT_FOUND),
         ("/ws/agents/", None, CLOSE_UNAUTHENTICATED),
         ("/ws/agents/", "fa_wrong", CLOSE_UNAUTHENTICATED),
