@@ -444,6 +444,11 @@ def backup_restore(
         if keys and not overwrite:
             raise ValidationError(REDIS_NOT_EMPTY.format(target=result.redis_target, keys=keys))
 
+    if pg_entry and pg_entry.encrypted and jobs > 1:
+        result.warnings.append(
+            f"--jobs {jobs} is ignored: an encrypted dump reaches pg_restore through a pipe, "
+            "which it reads with one job."
+        )
     if pg_entry:
         backups_cleanup(alias=alias, dry_run=dry_run, progress=progress)
     with staging_dir() as tmp:
