@@ -12,10 +12,12 @@ from contextlib import contextmanager
 
 from django.contrib import messages
 from django.core.exceptions import ImproperlyConfigured, ValidationError
+from django.db import models
 from django.http import Http404, HttpResponseRedirect, StreamingHttpResponse
 from django.urls import reverse
 from django.utils.http import content_disposition_header
 
+from agents.admin_forms import CheckedAutocompleteSelect, StrictJSONDecoder
 from agents.models import OperatorMembership, Tenant
 
 # The groups the 0005 data migration creates; user administration assigns them.
@@ -154,6 +156,7 @@ class TenantScopedInlineMixin:
     by `tenant_path` (the lookup from the inline's model to its Tenant)."""
 
     tenant_path = "tenant"
+    formfield_overrides = {models.JSONField: {"decoder": StrictJSONDecoder}}
 
     def get_queryset(self, request):
         return scope_queryset(super().get_queryset(request), request.user, self.tenant_path)
@@ -175,6 +178,10 @@ class TenantScopedInlineMixin:
         return self.has_tenant_scope(request) and super().has_delete_permission(request, obj)
 
     def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        if "widget" not in kwargs and db_field.name in self.get_autocomplete_fields(request):
+            kwargs["widget"] = CheckedAutocompleteSelect(
+                db_field, self.admin_site, using=kwargs.get("using")
+            )
         formfield = super().formfield_for_foreignkey(db_field, request, **kwargs)
         if formfield is not None and not is_unscoped(request.user):
             formfield.queryset = scope_queryset(formfield.queryset, request.user)

@@ -443,7 +443,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     async def receive(self, text_data=None, bytes_data=None):
         if text_data is None:
             return self.error(BINARY_FRAME)
-        size_limit = getattr(settings, "WS_MAX_FRAME_BYTES", 512 * 1024)
+        size_limit = settings.WS_MAX_FRAME_BYTES
         if frame_too_big(text_data, size_limit):
             refusals.event(
                 "websocket frame too big, closed with 1009",
@@ -451,7 +451,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 size_limit,
             )
             return await self.close_with(CLOSE_TOO_BIG, FRAME_TOO_BIG.format(limit=size_limit))
-        depth_limit = getattr(settings, "WS_MAX_NESTING", 8)
+        depth_limit = settings.WS_MAX_NESTING
         if too_deep(text_data, depth_limit):
             return self.error(FRAME_TOO_DEEP.format(limit=depth_limit))
         try:

@@ -62,9 +62,9 @@ from freeagentics.log_summary import SummaryLog
 logger = logging.getLogger(__name__)
 
 # Failures and drops (WARNING), and refused connections (INFO: expected, but counted).
-problems = SummaryLog(logger, interval=getattr(settings, "LOG_SUMMARY_SECONDS", 60.0))
+problems = SummaryLog(logger, interval=settings.LOG_SUMMARY_SECONDS)
 refusals = SummaryLog(
-    logger, interval=getattr(settings, "LOG_SUMMARY_SECONDS", 60.0), level=logging.INFO
+    logger, interval=settings.LOG_SUMMARY_SECONDS, level=logging.INFO
 )
 
 # Close codes (README "Real-time updates" documents each).
@@ -469,7 +469,7 @@ class Hub:
         self.tenants: dict[str, Routes] = {}
         self.connections: set[Connection] = set()
         self.layer_slots = asyncio.Semaphore(
-            max(1, getattr(settings, "WS_GROUP_OPS_CONCURRENCY", 8))
+            max(1, settings.WS_GROUP_OPS_CONCURRENCY)
         )
         self._lock = asyncio.Lock()
         self._receiver: asyncio.Task | None = None

@@ -291,7 +291,9 @@ METRICS_OUTBOX_MAX_POINTS = env_int("METRICS_OUTBOX_MAX_POINTS", 5_000_000)
 METRICS_FLUSH_BATCH_SIZE = env_int("METRICS_FLUSH_BATCH_SIZE", 5_000)
 METRICS_FLUSH_RETRIES = env_int("METRICS_FLUSH_RETRIES", 5)
 METRICS_FLUSH_BACKOFF_BASE_MS = env_int("METRICS_FLUSH_BACKOFF_BASE_MS", 500)
-METRICS_FLUSH_BACKOFF_MAX_MS = env_int("METRICS_FLUSH_BACKOFF_MAX_MS", 60_000)
+# Longest wait between flush attempts: a --follow flusher resumes within this of
+# InfluxDB's return.
+METRICS_FLUSH_BACKOFF_MAX_MS = env_int("METRICS_FLUSH_BACKOFF_MAX_MS", 5_000)
 METRICS_CHART_TIMEOUT_MS = env_int("METRICS_CHART_TIMEOUT_MS", 2_000)
 # --- end Metrics (InfluxDB) ---
 
@@ -311,6 +313,13 @@ WS_TOKEN_QUERY_PARAM = env_bool("WS_TOKEN_QUERY_PARAM", True)
 WS_TOKEN_RECHECK_SECONDS = env_int("WS_TOKEN_RECHECK_SECONDS", 60)
 # channels-redis forgets group members after a day (group_expiry); renew well before.
 WS_GROUP_REFRESH_SECONDS = env_int("WS_GROUP_REFRESH_SECONDS", 3600)
+# A frame larger than this closes the socket with 1009; deeper JSON gets an error frame.
+WS_MAX_FRAME_BYTES = env_int("WS_MAX_FRAME_BYTES", 512 * 1024)
+WS_MAX_NESTING = env_int("WS_MAX_NESTING", 8)
+# Channel-layer group joins/leaves one process runs at once (500 sockets closing together).
+WS_GROUP_OPS_CONCURRENCY = env_int("WS_GROUP_OPS_CONCURRENCY", 8)
+# Repeated problems (dropped frames, refusals) are logged once, then counted per interval.
+LOG_SUMMARY_SECONDS = env_int("LOG_SUMMARY_SECONDS", 60)
 REALTIME_PUBLISH = env_bool("REALTIME_PUBLISH", True)
 # Agents per channel-layer message; a batch of 5,000 updates is 5 messages.
 REALTIME_PUBLISH_CHUNK = env_int("REALTIME_PUBLISH_CHUNK", 1000)
@@ -322,6 +331,8 @@ REALTIME_PUBLISH_BACKLOG = env_int("REALTIME_PUBLISH_BACKLOG", 10_000)
 CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [
     {"address": REDIS_URL, "socket_timeout": env_int("CHANNEL_LAYER_SOCKET_TIMEOUT", 15)}
 ]
+# A crashed process's memberships lapse after three missed refreshes.
+CHANNEL_LAYERS["default"]["CONFIG"]["group_expiry"] = 3 * WS_GROUP_REFRESH_SECONDS
 # Agent update batches travel on channels-redis' pub/sub layer: one PUBLISH per batch,
 # pushed to the subscribed server processes. Pub/sub ignores the Redis database number,
 # so deployments sharing a Redis server need distinct CHANNEL_PREFIX values.

@@ -38,10 +38,6 @@ BATCH_SIZE_RANGE = "batch_size: must be between 1 and 100000, got {value!r}."
 WORKERS_RANGE = "workers: must be between 1 and 16, got {value!r}."
 RETRIES_RANGE = "retries: must be between 1 and 1000 attempts, got {value!r}."
 
-# The default of METRICS_FLUSH_BACKOFF_MAX_MS: a --follow flusher waits at most this long
-# between attempts, so it starts draining within seconds of InfluxDB's return.
-BACKOFF_MAX_MS_DEFAULT = 5_000
-
 # One statement, so recording adds one round trip per batch. "Full" means the id range
 # max(id) - min(id) + 1 (an upper bound of the backlog, exact unless rolled-back inserts
 # skipped ids) reached the cap, asked as "is any row at least cap ids below the newest":
@@ -277,7 +273,7 @@ def backoff_ceiling(failures: int) -> float:
     """Seconds: the longest wait after `failures` consecutive failed attempts,
     METRICS_FLUSH_BACKOFF_BASE_MS doubling per failure up to METRICS_FLUSH_BACKOFF_MAX_MS."""
     base = getattr(settings, "METRICS_FLUSH_BACKOFF_BASE_MS", 500) / 1000
-    cap = getattr(settings, "METRICS_FLUSH_BACKOFF_MAX_MS", BACKOFF_MAX_MS_DEFAULT) / 1000
+    cap = settings.METRICS_FLUSH_BACKOFF_MAX_MS / 1000
     # min() on the exponent first: 2**failures overflows a float after a long outage.
     return min(cap, base * 2 ** min(failures - 1, 64))
 
