@@ -54,6 +54,10 @@ class CoalitionMemberInline(TenantScopedInlineMixin, admin.TabularInline):
     extra = 0
     autocomplete_fields = ["agent"]
     fields = ["agent", "agent_status", "role", "contribution_score", "joined_at"]
+    # The tabular template writes a member's hidden id only for a primary key that is an
+    # AutoField, not editable, or excluded; without it a saved row matched no existing
+    # member ("Please correct the errors below" with no field error).
+    exclude = ["id"]
     readonly_fields = ["agent_status", "joined_at"]
     ordering = ["-contribution_score", "joined_at"]
 

@@ -14,6 +14,7 @@ from django.conf import settings
 from playwright.sync_api import expect, sync_playwright
 
 from agents.admin_scoping import OPERATOR_EDITOR
+from coalitions.models import CoalitionMember
 from tests import factories
 from tests.admin.conftest import PASSWORD, record_metrics
 
@@ -158,3 +159,25 @@ def test_two_operators_side_by_side_each_see_only_their_own_world(
             assert response.status == 404
             response = page.goto(f"{base_url}/admin/agents/agent/{mine.agent.pk}/change/")
             assert response.status == 200
+
+
+def test_saving_an_unchanged_coalition_with_members_succeeds(
+    live_server, make_operator, world_a, chromium
+):
+    # The member rows' hidden ids must be in the rendered form: without them the saved
+    # formset matched no existing member and the page said "Please correct the errors
+    # below" with no field error to correct.
+    coalition = world_a.coalition
+    second = factories.make_agent(world_a.tenant, name="second-member")
+    CoalitionMember.objects.create(coalition=coalition, agent=second, role="second")
+    members_before = set(coalition.memberships.values_list("pk", "agent_id", "role"))
+    make_operator(world_a.tenant, OPERATOR_EDITOR, username="saver-a")
+    with chromium() as browser:
+        page = _log_in(browser, live_server.url, "saver-a")
+        page.goto(f"{live_server.url}/admin/coalitions/coalition/{coalition.pk}/change/")
+        expect(page.locator("#memberships-group tr.has_original")).to_have_count(2)
+        page.click("input[name=_continue]")
+        expect(page.locator("ul.messagelist")).to_contain_text("was changed successfully")
+        expect(page.locator(".errornote")).to_have_count(0)
+        page.screenshot(path=ARTIFACTS / "admin-coalition-saved.png", full_page=True)
+    assert set(coalition.memberships.values_list("pk", "agent_id", "role")) == members_before
