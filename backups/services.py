@@ -59,6 +59,15 @@ from backups.plumbing import (
 )
 from freeagentics.progress import NULL_PROGRESS, Progress
 
+# Restore options that contradict themselves; kept here, not in exceptions.py, since only
+# backup_restore raises them.
+RESTORE_JOBS_INVALID = "--jobs must be 1 or more, got {jobs}."
+KEEP_PREVIOUS_WITHOUT_POSTGRES = (
+    "--keep-previous keeps the database a restore replaces; with --skip-postgres (or a "
+    "backup without a PostgreSQL dump) no database is replaced."
+)
+KEEP_PREVIOUS_NOTHING = "--keep-previous: {target} did not exist, so there was nothing to keep."
+
 # ---------------------------------------------------------------------------------------
 # Backups
 
@@ -411,6 +420,10 @@ def backup_restore(
     Raises ValidationError (non-empty target, target in use), BackupNotFound,
     BackupIntegrityError, ToolNotFoundError/ToolFailedError, BackupError.
     """
+    if jobs < 1:
+        raise ValidationError(RESTORE_JOBS_INVALID.format(jobs=jobs))
+    if keep_previous and not include_postgres:
+        raise ValidationError(KEEP_PREVIOUS_WITHOUT_POSTGRES)
     manifest = selectors.backup_get(name, allow_unsigned=allow_unsigned)
     if manifest.kind != KIND_FULL:
         raise BackupError(
@@ -423,6 +436,8 @@ def backup_restore(
         raise ValidationError(NOTHING_TO_RESTORE.format(what="PostgreSQL dump"))
     if not pg_entry and not redis_entry:
         raise ValidationError(NOTHING_TO_RESTORE.format(what="requested part"))
+    if keep_previous and not pg_entry:
+        raise ValidationError(KEEP_PREVIOUS_WITHOUT_POSTGRES)
 
     # 1. Targets, read-only.
     target = database_name or pgtools.settings_dict(alias)["NAME"]
@@ -481,6 +496,8 @@ def backup_restore(
                 jobs=jobs,
                 progress=progress,
             )
+            if keep_previous and not target_exists:
+                result.warnings.append(KEEP_PREVIOUS_NOTHING.format(target=result.postgres_target))
             result.warnings += _migration_warnings(manifest.django.get("migrations", []))
 
         # 4. Redis.

@@ -1,9 +1,11 @@
 import datetime
+import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote, urlencode
 
 import numpy as np
 import pyrage
@@ -169,3 +171,63 @@ def moto_server():
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)
+
+
+def database_url_env(config: dict | None = None) -> dict[str, str]:
+    """DATABASE_URL (plus PG* variables where a URL cannot say it) reaching the database of
+    config (default: the test database) from a child `manage.py` or a plain client.
+
+    Derived from the Django connection, not assumed: the embedded PostgreSQL fallback runs
+    on another port, and a host may be a Unix socket directory, which a URL's host part
+    cannot hold; libpq, and so both Django and pg_restore in the child, read PGHOST then.
+    """
+    config = config or connection.settings_dict
+    env = {}
+    host, port = config.get("HOST") or "", str(config.get("PORT") or "")
+    netloc = quote(config.get("USER") or "", safe="")
+    if config.get("PASSWORD"):
+        env["PGPASSWORD"] = config["PASSWORD"]
+    if host.startswith("/"):
+        env["PGHOST"] = host
+        if port:
+            env["PGPORT"] = port
+        netloc += "@"
+    elif host:
+        netloc += f"@{host}" + (f":{port}" if port else "")
+    else:
+        netloc += "@"
+        if port:
+            env["PGPORT"] = port
+    options = {k: v for k, v in config.get("OPTIONS", {}).items() if isinstance(v, str | int)}
+    query = f"?{urlencode(options)}" if options else ""
+    env["DATABASE_URL"] = f"postgres://{netloc}/{quote(config['NAME'], safe='')}{query}"
+    return env
+
+
+def pg_target(dbname: str | None = None) -> str:
+    """How the backup commands name a database of the test server in their messages."""
+    config = connection.settings_dict
+    host = config.get("HOST") or "local socket"
+    port = f":{config['PORT']}" if config.get("PORT") else ""
+    return f'database "{dbname or config["NAME"]}" on {host}{port}'
+
+
+def manage_env(tmp_path, **extra) -> dict[str, str]:
+    """The environment of a child `manage.py` on the test database, Redis, storage and keys."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"PGHOST", "PGPORT", "PGPASSWORD", "PGDATABASE"}
+    }
+    return {
+        **env,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        **database_url_env(),
+        "REDIS_URL": django_settings.BACKUP_REDIS_URL,
+        "BACKUP_DIR": str(tmp_path / "backups"),
+        "BACKUP_TEMP_DIR": str(tmp_path),
+        "BACKUP_ENCRYPTION_KEY": ",".join(django_settings.BACKUP_ENCRYPTION_KEY),
+        "BACKUP_REDIS_RDB": "false",
+        "BACKUP_PG_BIN_DIR": django_settings.BACKUP_PG_BIN_DIR,
+        **{key: str(value) for key, value in extra.items()},
+    }

@@ -13,7 +13,7 @@ from agents.models import Agent, AgentHistory
 from backups import pgtools, redisio, services, storage
 from backups.exceptions import REDIS_NOT_EMPTY, TARGET_IN_USE, TARGET_NOT_EMPTY
 from tests import factories
-from tests.backups.conftest import table_rows
+from tests.backups.conftest import pg_target, table_rows
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -114,9 +114,7 @@ def test_restore_refuses_non_empty_database_without_yes(backup_dir, sample_data,
     with pytest.raises(CommandError) as excinfo:
         run("restore", name)
 
-    assert str(excinfo.value) == TARGET_NOT_EMPTY.format(
-        target=f'database "{connection.settings_dict["NAME"]}" on 127.0.0.1:5432'
-    )
+    assert str(excinfo.value) == TARGET_NOT_EMPTY.format(target=pg_target())
     assert table_rows() == before
 
 

@@ -1,6 +1,5 @@
 """Backups, restores and drills killed halfway, as an operator's `kill -9` or OOM would."""
 
-import os
 import signal
 import socket
 import subprocess
@@ -11,13 +10,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from django.conf import settings as django_settings
 from django.core.management import call_command
-from django.db import connection
 
 from backups import pgtools
 from backups.crypto import AGE_MAGIC
 from backups.plumbing import STAGING_PREFIX
+from tests.backups.conftest import manage_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,21 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def spawn(tmp_path, *args, **env_extra) -> subprocess.Popen:
     """manage.py <args> in a child process on the test database, storage and temp dir."""
-    config = connection.settings_dict
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATABASE_URL": (
-            f"postgres://{config['USER']}@{config['HOST']}:{config['PORT']}/{config['NAME']}"
-        ),
-        "REDIS_URL": django_settings.BACKUP_REDIS_URL,
-        "BACKUP_DIR": str(tmp_path / "backups"),
-        "BACKUP_TEMP_DIR": str(tmp_path),
-        "BACKUP_ENCRYPTION_KEY": ",".join(django_settings.BACKUP_ENCRYPTION_KEY),
-        "BACKUP_REDIS_RDB": "false",
-        "BACKUP_PG_BIN_DIR": django_settings.BACKUP_PG_BIN_DIR,
-        **env_extra,
-    }
+    env = manage_env(tmp_path, **env_extra)
     return subprocess.Popen(
         [sys.executable, str(ROOT / "manage.py"), *args],
         cwd=ROOT,

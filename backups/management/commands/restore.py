@@ -37,10 +37,16 @@ class Command(BaseCommand):
         parser.add_argument(
             "--keep-previous",
             action="store_true",
-            help="Keep the replaced database under a new name instead of dropping it.",
+            help="Keep the database this restore replaces, renamed to <name>__previous_<hex>, "
+            "instead of dropping it (drop it yourself once the restore checks out).",
         )
         parser.add_argument(
-            "--jobs", type=int, default=1, help="Parallel pg_restore jobs (unencrypted only)."
+            "--jobs",
+            type=int,
+            default=1,
+            metavar="N",
+            help="Run pg_restore with N parallel jobs (an unencrypted dump only; an "
+            "encrypted one is piped to a single job and a warning says so).",
         )
         parser.add_argument(
             "--dry-run",
@@ -64,7 +70,7 @@ class Command(BaseCommand):
                 overwrite=options["yes"],
                 disconnect=options["disconnect"],
                 keep_previous=options["keep_previous"],
-                jobs=max(options["jobs"], 1),
+                jobs=options["jobs"],
                 dry_run=options["dry_run"],
                 allow_unsigned=options["accept_unsigned_backup"],
                 progress=progress_for(self, options),
@@ -80,3 +86,5 @@ class Command(BaseCommand):
         if result.redis_target:
             done.append(f"Redis {result.redis_target} ({result.redis_keys:,} keys)")
         self.stdout.write(self.style.SUCCESS(f"Restored {result.name} into {' and '.join(done)}."))
+        if result.previous_database:
+            self.stdout.write(f"The replaced database was kept as {result.previous_database}.")
