@@ -25,7 +25,18 @@ RETENTION_NEEDS_YES = (
 PARTITION_LOCK_HELD = "Another partition maintenance run holds the lock; this run changed nothing."
 PARTITION_DROP_NEEDS_YES = "The plan drops {tables}; pass --yes to go ahead (or --dry-run)."
 PARTITION_SETTINGS_INVALID = "premake must be >= 0 and retention must be >= 0 months."
-PARTITION_TABLE_EXISTS = "Table {table} already exists; drop or rename it before restoring it."
+PARTITION_TABLE_EXISTS = (
+    "Table {table} already exists. Drop it, or keep it by renaming it and its indexes "
+    "(their names would clash too), in `manage.py dbshell`:\n{sql}\nthen restore again."
+)
+PARTITION_MONTH_ATTACHED = (
+    "{parent} already has a partition for {month}: {existing}. Restore without --attach, "
+    "then copy the rows over in `manage.py dbshell`:\n{sql}"
+)
+PARTITION_TABLE_BUSY = (
+    "{table} stayed locked by other transactions through {tries} tries; this step changed "
+    "nothing. Look for long transactions (pg_stat_activity) and run maintenance again."
+)
 NOTHING_TO_BACK_UP = "Nothing to back up: --no-postgres and --no-redis leave nothing."
 NOTHING_TO_RESTORE = "Nothing to restore: the backup holds no {what}."
 # Authentication of manifests (BackupIntegrityError).

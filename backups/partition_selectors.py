@@ -16,6 +16,20 @@ MARK_ARCHIVED = MARK + "archived"  # + " <archive name>"
 # and maintenance must not retire it again.
 MARK_RESTORED = "freeagentics:restored"
 
+# The months a partition may hold: 1900-01 to 9999-11. Partition names carry a 4-digit
+# year and a month's upper bound must be a Python date (which ends in 9999); before 1900
+# no agent recorded anything, while year 1 is the zero time of Go and .NET, what a broken
+# client sends. Rows outside go to the quarantine table instead.
+EARLIEST_BOUND = "1900-01-01 00:00:00+00"
+LATEST_BOUND = "9999-12-01 00:00:00+00"  # exclusive
+REASON_NOT_FINITE = "not a finite time"
+REASON_TOO_EARLY = "before 1900"
+REASON_TOO_LATE = "after November 9999"
+
+# Maintenance renames a table before archiving it (see partitions._archive_partition), so
+# a month archived twice restores as two tables: <table>_YYYY_MM, then any suffix.
+PG_NAME_MAX = 63
+
 
 @dataclass(frozen=True)
 class PartitionedTable:
@@ -29,8 +43,21 @@ class PartitionedTable:
     def default_name(self) -> str:
         return f"{self.table}_default"
 
+    @property
+    def quarantine_name(self) -> str:
+        return f"{self.table}_quarantine"
+
     def month_name(self, month: datetime.date) -> str:
-        return f"{self.table}_{month:%Y_%m}"
+        return f"{self.table}_{month.year:04d}_{month.month:02d}"
+
+    def month_of_name(self, name: str) -> datetime.date | None:
+        """The month of a table named <table>_YYYY_MM or <table>_YYYY_MM_<suffix>."""
+        match = re.fullmatch(
+            re.escape(self.table) + r"_([0-9]{4})_([0-9]{2})(?:_[a-z0-9_]+)?", name
+        )
+        if match is None or not 1 <= int(match.group(2)) <= 12:
+            return None
+        return datetime.date(int(match.group(1)), int(match.group(2)), 1)
 
 
 PARTITIONED_TABLES = (PartitionedTable("agent_history", "recorded_at"),)
@@ -62,7 +89,7 @@ class Partition:
 
 @dataclass
 class PartitionAction:
-    kind: str  # create_default | create | detach | archive | drop | skip
+    kind: str  # create_default | quarantine | create | detach | archive | drop | skip
     parent: str
     table: str
     month: datetime.date | None = None
@@ -72,6 +99,7 @@ class PartitionAction:
     def describe(self) -> str:
         text = {
             "create_default": f"create default partition {self.table}",
+            "quarantine": f"quarantine {self.rows} rows of the default partition into {self.table}",
             "create": f"create {self.table}",
             "detach": f"detach {self.table} (past retention)",
             "archive": f"archive {self.table} to backup storage",
@@ -108,6 +136,10 @@ def month_start(day: datetime.date, months_ahead: int = 0) -> datetime.date:
 
 def _utc_midnight(day: datetime.date) -> datetime.datetime:
     return datetime.datetime(day.year, day.month, day.day, tzinfo=datetime.UTC)
+
+
+def month_bounds(month: datetime.date) -> tuple[datetime.datetime, datetime.datetime]:
+    return _utc_midnight(month), _utc_midnight(month_start(month, 1))
 
 
 _BOUNDS_RE = re.compile(r"FOR VALUES FROM \('([^']+)'\) TO \('([^']+)'\)")
@@ -159,16 +191,11 @@ def detached_tables(spec: PartitionedTable) -> list[tuple[str, str]]:
             "SELECT c.relname, obj_description(c.oid, 'pg_class') FROM pg_class c "
             "JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE n.nspname = %s AND c.relkind = 'r' AND NOT c.relispartition "
-            "AND c.relname ~ %s AND (obj_description(c.oid, 'pg_class') = %s "
+            "AND (obj_description(c.oid, 'pg_class') = %s "
             "OR obj_description(c.oid, 'pg_class') LIKE %s) ORDER BY c.relname",
-            [
-                spec.schema,
-                f"^{spec.table}_[0-9]{{4}}_[0-9]{{2}}$",
-                MARK_DETACHED,
-                MARK_ARCHIVED + " %",
-            ],
+            [spec.schema, MARK_DETACHED, MARK_ARCHIVED + " %"],
         )
-        return cursor.fetchall()
+        return [(n, c) for n, c in cursor.fetchall() if spec.month_of_name(n) is not None]
 
 
 def table_exists(schema: str, name: str) -> bool:
@@ -181,13 +208,73 @@ def table_exists(schema: str, name: str) -> bool:
         return cursor.fetchone() is not None
 
 
+def holdable_sql(spec: PartitionedTable) -> str:
+    """A condition true for the rows some month partition can hold."""
+    column = _q(spec.column)
+    return f"({column} >= '{EARLIEST_BOUND}' AND {column} < '{LATEST_BOUND}')"
+
+
+def unholdable_reason_sql(spec: PartitionedTable) -> str:
+    """Why a row fails holdable_sql(), as text."""
+    column = _q(spec.column)
+    return (
+        f"CASE WHEN NOT isfinite({column}) THEN '{REASON_NOT_FINITE}' "
+        f"WHEN {column} < '{EARLIEST_BOUND}' THEN '{REASON_TOO_EARLY}' "
+        f"ELSE '{REASON_TOO_LATE}' END"
+    )
+
+
 def default_rows_by_month(spec: PartitionedTable) -> dict[datetime.date, int]:
+    """Rows of the default partition per month, for the months a partition can hold."""
     with connection.cursor() as cursor:
+        # The filter comes first: 'infinity' or year 12000 would not even convert to a date.
         cursor.execute(
             f"SELECT date_trunc('month', {_q(spec.column)} AT TIME ZONE 'UTC')::date, count(*) "
-            f"FROM {_q(spec.schema)}.{_q(spec.default_name)} GROUP BY 1 ORDER BY 1"
+            f"FROM {_q(spec.schema)}.{_q(spec.default_name)} WHERE {holdable_sql(spec)} "
+            "GROUP BY 1 ORDER BY 1"
         )
         return dict(cursor.fetchall())
+
+
+def default_rows_unholdable(spec: PartitionedTable) -> dict[str, int]:
+    """Rows of the default partition no month partition can hold: {reason: count}."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {unholdable_reason_sql(spec)}, count(*) "
+            f"FROM {_q(spec.schema)}.{_q(spec.default_name)} WHERE NOT {holdable_sql(spec)} "
+            "GROUP BY 1 ORDER BY 1"
+        )
+        return dict(cursor.fetchall())
+
+
+def index_names(schema: str, table: str) -> list[str]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
+            "JOIN pg_class t ON t.oid = x.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace "
+            "WHERE n.nspname = %s AND t.relname = %s ORDER BY i.relname",
+            [schema, table],
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+def rename_statements(spec: PartitionedTable, table: str, new: str) -> list[str]:
+    """SQL that renames table and its indexes after new, so that an archive of the old name
+    restores beside it (index names, the primary key's included, are unique per schema)."""
+    schema = _q(spec.schema)
+    statements = [f"ALTER TABLE {schema}.{_q(table)} RENAME TO {_q(new)};"]
+    taken = set()
+    for index in index_names(spec.schema, table):
+        rest = index[len(table) :] if index.startswith(table) else "_" + index
+        renamed = (new + rest)[:PG_NAME_MAX]
+        n = 1
+        while renamed in taken:
+            tail = f"_{n}"
+            renamed = (new + rest)[: PG_NAME_MAX - len(tail)] + tail
+            n += 1
+        taken.add(renamed)
+        statements.append(f"ALTER INDEX {schema}.{_q(index)} RENAME TO {_q(renamed)};")
+    return statements
 
 
 def _q(name: str) -> str:
@@ -226,6 +313,26 @@ def partition_plan(
         default = next((p for p in partitions if p.is_default), None)
         if default is None:
             plan.actions.append(PartitionAction("create_default", spec.table, spec.default_name))
+        else:
+            # Rows no month can hold would make every run fail: set them aside, report them.
+            unholdable = default_rows_unholdable(spec)
+            if unholdable:
+                rows = sum(unholdable.values())
+                why = ", ".join(f"{n} {reason}" for reason, n in unholdable.items())
+                if table_exists(spec.schema, spec.quarantine_name):
+                    action = PartitionAction(
+                        "quarantine", spec.table, spec.quarantine_name, rows=rows, note=why
+                    )
+                else:
+                    action = PartitionAction(
+                        "skip",
+                        spec.table,
+                        spec.default_name,
+                        rows=rows,
+                        note=f"{rows} rows no partition can hold ({why}); "
+                        f"{spec.quarantine_name} is missing: run manage.py migrate",
+                    )
+                plan.actions.append(action)
         by_month = {p.month: p for p in partitions if p.month is not None}
         odd_ranges = [p for p in partitions if not p.is_default and p.month is None]
 
@@ -298,7 +405,7 @@ def partition_plan(
             if drop:
                 plan.actions.append(PartitionAction("drop", spec.table, name, month))
         for name, comment in detached_tables(spec):
-            month = datetime.date(int(name[-7:-3]), int(name[-2:]), 1)
+            month = spec.month_of_name(name)
             # A detached table is one whose archive (or drop) failed or was switched off.
             if comment == MARK_DETACHED and archive:
                 plan.actions.append(PartitionAction("archive", spec.table, name, month))

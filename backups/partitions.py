@@ -4,13 +4,14 @@ out, expired months detached, archived to backup storage, and only then dropped.
 import contextlib
 import datetime
 import hashlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import django
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
 from backups import partition_selectors, pgtools, selectors, storage
@@ -20,7 +21,9 @@ from backups.crypto import (
 from backups.exceptions import (
     PARTITION_DROP_NEEDS_YES,
     PARTITION_LOCK_HELD,
+    PARTITION_MONTH_ATTACHED,
     PARTITION_SETTINGS_INVALID,
+    PARTITION_TABLE_BUSY,
     PARTITION_TABLE_EXISTS,
     BackupError,
 )
@@ -42,7 +45,7 @@ from backups.plumbing import (
     manifest_store,
     new_backup_name,
     pg_restore,
-    seal_copy,
+    seal_output,
     staging_dir,
     watch,
 )
@@ -66,6 +69,10 @@ class PartitionReport:
     def count(self, kind: str) -> int:
         return sum(1 for a in self.done if a.kind == kind)
 
+    @property
+    def quarantined(self) -> int:
+        return sum(a.rows or 0 for a in self.done if a.kind == "quarantine")
+
 
 @contextlib.contextmanager
 def _maintenance_lock():
@@ -78,6 +85,28 @@ def _maintenance_lock():
     finally:
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_unlock(%s)", [PARTITION_LOCK_KEY])
+
+
+# A maintenance step waits at most this long for a lock, then starts again: writers that
+# queue behind its lock request are held up no longer than that, even when a long
+# transaction keeps the step from its lock.
+LOCK_TIMEOUT_MS = 2000
+LOCK_TRIES = 15
+
+
+def _retrying_lock_timeouts(step, table: str):
+    for attempt in range(LOCK_TRIES):
+        try:
+            return step()
+        except OperationalError as e:
+            if getattr(e.__cause__, "sqlstate", None) != "55P03":  # lock_not_available
+                raise
+            time.sleep(min(0.05 * 2**attempt, 2.0))
+    raise ValidationError(PARTITION_TABLE_BUSY.format(table=table, tries=LOCK_TRIES))
+
+
+def _set_lock_timeout(cursor) -> None:
+    cursor.execute(f"SET LOCAL lock_timeout = {int(LOCK_TIMEOUT_MS)}")
 
 
 def _q(name: str) -> str:
@@ -108,10 +137,44 @@ def _comment_of(spec: PartitionedTable, name: str) -> tuple[str | None, bool] | 
 
 
 def _create_default(spec: PartitionedTable) -> None:
+    def step():
+        with transaction.atomic(), connection.cursor() as cursor:
+            _set_lock_timeout(cursor)
+            table = _qualified(spec, spec.default_name)
+            cursor.execute(
+                f"CREATE TABLE {table} PARTITION OF {_qualified(spec, spec.table)} DEFAULT"
+            )
+            cursor.execute(
+                f"COMMENT ON TABLE {table} IS {_literal(partition_selectors.MARK_DEFAULT)}"
+            )
+
+    _retrying_lock_timeouts(step, spec.table)
+
+
+def _columns(cursor, spec: PartitionedTable) -> str:
+    cursor.execute(
+        "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute "
+        "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+        [f"{_q(spec.schema)}.{_q(spec.table)}"],
+    )
+    return cursor.fetchone()[0]
+
+
+def _quarantine_rows(spec: PartitionedTable) -> int:
+    """Move the default partition's rows that no month partition can hold into the
+    quarantine table, each with the reason. Returns the number of rows moved."""
+    default = _qualified(spec, spec.default_name)
+    quarantine = _qualified(spec, spec.quarantine_name)
     with transaction.atomic(), connection.cursor() as cursor:
-        table = _qualified(spec, spec.default_name)
-        cursor.execute(f"CREATE TABLE {table} PARTITION OF {_qualified(spec, spec.table)} DEFAULT")
-        cursor.execute(f"COMMENT ON TABLE {table} IS {_literal(partition_selectors.MARK_DEFAULT)}")
+        columns = _columns(cursor, spec)
+        # Row locks only: a writer adding such a row meanwhile is moved by the next run.
+        cursor.execute(
+            f"WITH moved AS (DELETE FROM {default} "
+            f"WHERE NOT {partition_selectors.holdable_sql(spec)} "
+            f"RETURNING {columns}, {partition_selectors.unholdable_reason_sql(spec)} AS reason) "
+            f"INSERT INTO {quarantine} ({columns}, reason) SELECT {columns}, reason FROM moved"
+        )
+        return cursor.rowcount
 
 
 def _create_partition(
@@ -121,19 +184,38 @@ def _create_partition(
 
     Creating a partition whose range has rows in the default partition fails (pg_partman's
     best-known trap). So the new table is built beside the parent, the rows move into it,
-    and it is attached, all in one transaction, with inserts into the default partition
-    blocked meanwhile. existing attaches that table instead of creating one (a restored
-    archive), and leaves its comment alone. Returns the number of rows moved.
+    and it is attached, all in one transaction, with writes to the parent blocked
+    meanwhile (reads go on). existing attaches that table instead of creating one (a
+    restored archive), and leaves its comment alone. Returns the number of rows moved.
     """
+    return _retrying_lock_timeouts(
+        lambda: _create_partition_once(spec, month, existing=existing), spec.table
+    )
+
+
+def _create_partition_once(
+    spec: PartitionedTable, month: datetime.date, *, existing: str | None
+) -> int:
     start, end = _bounds(month)
     parent = _qualified(spec, spec.table)
     table = _qualified(spec, existing or spec.month_name(month))
     default = _qualified(spec, spec.default_name)
     column = _q(spec.column)
     with transaction.atomic(), connection.cursor() as cursor:
+        _set_lock_timeout(cursor)
+        # Every INSERT through the parent holds ROW EXCLUSIVE on it until it commits, and
+        # picks its partition with the layout it saw when it took that lock. ATTACH takes
+        # only SHARE UPDATE EXCLUSIVE on the parent, which lets such a writer commit a row
+        # of this month into the default partition after the move, or after the attach
+        # (then failing with "violates partition constraint"). SHARE ROW EXCLUSIVE waits
+        # for the writers in flight and holds new ones (not readers) until commit; they
+        # then see the new partition. Parent first, then the default partition: the order
+        # writers lock them in.
+        cursor.execute(f"LOCK TABLE {parent} IN SHARE ROW EXCLUSIVE MODE")
         default_state = _comment_of(spec, spec.default_name)
         has_default = default_state is not None and default_state[1]
         if has_default:
+            # Also holds writers that insert into the default partition directly.
             cursor.execute(f"LOCK TABLE {default} IN SHARE ROW EXCLUSIVE MODE")
         if existing is None:
             # Indexes and the primary key come from the parent at ATTACH, built after the load.
@@ -143,12 +225,7 @@ def _create_partition(
             )
         moved = 0
         if has_default:
-            cursor.execute(
-                "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute "
-                "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
-                [f"{spec.schema}.{spec.table}"],
-            )
-            columns = cursor.fetchone()[0]
+            columns = _columns(cursor, spec)
             cursor.execute(
                 f"WITH moved AS (DELETE FROM {default} WHERE {column} >= {_literal(start)} "
                 f"AND {column} < {_literal(end)} RETURNING {columns}) "
@@ -165,14 +242,38 @@ def _create_partition(
 
 
 def _detach_partition(spec: PartitionedTable, name: str) -> None:
+    def step():
+        with transaction.atomic(), connection.cursor() as cursor:
+            state = _comment_of(spec, name)
+            if state is None or state[0] != MARK_MONTHLY or not state[1]:
+                raise BackupError(f"{name} is no longer an attached freeagentics partition.")
+            # DETACH takes ACCESS EXCLUSIVE on the parent: bounded, so readers and writers
+            # are never queued behind it for long.
+            _set_lock_timeout(cursor)
+            cursor.execute(
+                f"ALTER TABLE {_qualified(spec, spec.table)} "
+                f"DETACH PARTITION {_qualified(spec, name)}"
+            )
+            cursor.execute(
+                f"COMMENT ON TABLE {_qualified(spec, name)} IS {_literal(MARK_DETACHED)}"
+            )
+
+    _retrying_lock_timeouts(step, spec.table)
+
+
+def _archive_table_name(spec: PartitionedTable, month: datetime.date, archive_name: str) -> str:
+    # archive-<table>_YYYY_MM-<YYYYmmddTHHMMSSZ>-<hex>: the table is named after its archive.
+    stamp, token = archive_name.rsplit("-", 2)[1:]
+    return f"{spec.month_name(month)}_{stamp.lower()}_{token}"[: partition_selectors.PG_NAME_MAX]
+
+
+def _rename_detached(spec: PartitionedTable, name: str, new: str) -> None:
     with transaction.atomic(), connection.cursor() as cursor:
         state = _comment_of(spec, name)
-        if state is None or state[0] != MARK_MONTHLY or not state[1]:
-            raise BackupError(f"{name} is no longer an attached freeagentics partition.")
-        cursor.execute(
-            f"ALTER TABLE {_qualified(spec, spec.table)} DETACH PARTITION {_qualified(spec, name)}"
-        )
-        cursor.execute(f"COMMENT ON TABLE {_qualified(spec, name)} IS {_literal(MARK_DETACHED)}")
+        if state is None or state[1] or state[0] != MARK_DETACHED:
+            raise BackupError(f"{name} is no longer a detached freeagentics partition.")
+        for statement in partition_selectors.rename_statements(spec, name, new):
+            cursor.execute(statement)
 
 
 def _drop_partition(spec: PartitionedTable, name: str, *, archive: bool) -> bool:
@@ -192,46 +293,60 @@ def _drop_partition(spec: PartitionedTable, name: str, *, archive: bool) -> bool
 def _archive_partition(
     spec: PartitionedTable, name: str, month: datetime.date, *, progress: Progress
 ) -> Manifest:
-    """pg_dump a detached partition into the backup storage, read it back, verify it."""
+    """pg_dump a detached partition into the backup storage, read it back, verify it.
+
+    The table is first renamed after its archive (indexes too), so that a month archived
+    twice (rows came late) restores as two tables side by side.
+    """
     alias = connection.alias
     server, server_num = pgtools.server_version(alias)
     pg_dump = pgtools.find_client("pg_dump", server_num // 10000, server)
+    key = encryption_key()
+    created_at = timezone.now()
+    archive_name = new_backup_name(f"{storage.ARCHIVE_PREFIX}{spec.month_name(month)}", created_at)
+    if name == spec.month_name(month):
+        # Renamed once: a table whose archive failed keeps its name for the next try.
+        new = _archive_table_name(spec, month, archive_name)
+        _rename_detached(spec, name, new)
+        name = new
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT count(*) FROM {_qualified(spec, name)}")
         rows = cursor.fetchone()[0]
-    key = encryption_key()
-    created_at = timezone.now()
-    archive_name = new_backup_name(f"{storage.ARCHIVE_PREFIX}{name}", created_at)
-    file_name = "partition.dump" + (".enc" if key else "")
+    file_name = "partition.dump" + (".age" if key else "")
     start, end = _bounds(month)
     try:
         with staging_dir() as tmp:
             staging = Path(tmp)
             dump_path = staging / "partition.dump"
-            proc = Proc(
-                [
-                    pg_dump.path,
-                    "--format=custom",
-                    f"--compress={settings.BACKUP_PG_COMPRESS}",
-                    "--verbose",
-                    f"--table={_q(spec.schema)}.{_q(name)}",
-                    f"--file={dump_path}",
-                ],
-                env=pgtools.libpq_env(alias),
-            )
+            args = [
+                pg_dump.path,
+                "--format=custom",
+                f"--compress={settings.BACKUP_PG_COMPRESS}",
+                "--verbose",
+                f"--table={_q(spec.schema)}.{_q(name)}",
+            ]
+            # Encrypted, the dump streams from pg_dump's stdout through the encryptor, so
+            # no plaintext reaches the disk.
+            if not key:
+                args.append(f"--file={dump_path}")
+            proc = Proc(args, env=pgtools.libpq_env(alias), capture_stdout=bool(key))
             try:
-                with progress.task(f"pg_dump {name}") as task:
-                    watch(proc, task, lambda: file_size(dump_path))
-                    proc.check(f"pg_dump of {name}")
-                    task.update(file_size(dump_path))
+                if key:
+                    with progress.task(f"pg_dump {name} | age > {file_name}") as task:
+                        res = seal_output(
+                            proc, staging / file_name, key, gzip_level=None, task=task
+                        )
+                        proc.check(f"pg_dump of {name}")
+                else:
+                    with progress.task(f"pg_dump {name}") as task:
+                        watch(proc, task, lambda: file_size(dump_path))
+                        proc.check(f"pg_dump of {name}")
+                        task.update(file_size(dump_path))
+                    with progress.task(f"checksum {file_name}", file_size(dump_path)) as task:
+                        size, sha256 = storage.hash_file(dump_path, task)
+                        res = {"size": size, "sha256": sha256}
             finally:
                 proc.stop()
-            with progress.task(f"seal {file_name}", file_size(dump_path)) as task:
-                if key:
-                    res = seal_copy(dump_path, staging / file_name, key, gzip_level=None, task=task)
-                else:
-                    size, sha256 = storage.hash_file(dump_path, task)
-                    res = {"size": size, "sha256": sha256}
             entry = FileEntry(
                 file_name, "partition", encrypted=bool(key), compression="pg_dump", **res
             )
@@ -323,24 +438,30 @@ def partitions_maintain(
         if plan.drops and not allow_drop:
             raise ValidationError(PARTITION_DROP_NEEDS_YES.format(tables=", ".join(plan.drops)))
         specs = {spec.table: spec for spec in tables}
+        renamed: dict[str, str] = {}  # archiving renames a table; its drop follows the name
         for action in plan.actions:
             spec = specs.get(action.parent)
             if action.kind == "skip":
                 continue
             if action.kind == "create_default":
                 _create_default(spec)
+            elif action.kind == "quarantine":
+                action.rows = _quarantine_rows(spec)
             elif action.kind == "create":
                 action.rows = _create_partition(spec, action.month)
             elif action.kind == "detach":
                 _detach_partition(spec, action.table)
             elif action.kind == "archive":
                 manifest = _archive_partition(spec, action.table, action.month, progress=progress)
-                action.note = f"as {manifest.name}"
+                renamed[action.table] = manifest.partition["table"]
+                action.note = f"as {manifest.name}, table {manifest.partition['table']}"
                 action.rows = manifest.partition["rows"]
                 report.archives.append(manifest.name)
-            elif action.kind == "drop" and not _drop_partition(spec, action.table, archive=archive):
-                action.note = "kept: not archived"
-                continue
+            elif action.kind == "drop":
+                action.table = renamed.get(action.table, action.table)
+                if not _drop_partition(spec, action.table, archive=archive):
+                    action.note = "kept: not archived"
+                    continue
             report.done.append(action)
             progress.note("done: " + action.describe())
     return report
@@ -361,14 +482,15 @@ def partition_restore(
     attach: bool = False,
     progress: Progress = NULL_PROGRESS,
 ) -> PartitionRestoreResult:
-    """Bring an archived partition back into the database, as a table of its old name.
+    """Bring an archived partition back into the database, as the table it was archived as.
 
     The archive is verified first, then restored in one transaction. The table is marked
     "restored", not as a freeagentics partition, so maintenance never retires it again;
     attach=True also attaches it to its parent (moving any rows of its month out of the
     default partition). Runs under the maintenance lock.
 
-    Raises ValidationError (table exists, lock held), BackupNotFound,
+    Raises ValidationError (table exists, or with attach its month is already attached;
+    both with the SQL that clears the way; lock held), BackupNotFound,
     BackupIntegrityError, ToolFailedError.
     """
     manifest = selectors.backup_get(name)
@@ -381,9 +503,36 @@ def partition_restore(
     table = info["table"]
     entry = manifest.file("partition")
     alias = connection.alias
+    month = datetime.date.fromisoformat(info["from"][:10])
     with _maintenance_lock():
         if partition_selectors.table_exists(spec.schema, table):
-            raise ValidationError(PARTITION_TABLE_EXISTS.format(table=table))
+            new = f"{table}_{timezone.now():%Y%m%dt%H%M%S}"[: partition_selectors.PG_NAME_MAX]
+            statements = partition_selectors.rename_statements(spec, table, new)
+            sql = "\n".join(["BEGIN;", *statements, "COMMIT;"])
+            raise ValidationError(PARTITION_TABLE_EXISTS.format(table=table, sql=sql))
+        if attach:
+            # Checked before restoring anything: ATTACH would fail only after the restore.
+            start, end = partition_selectors.month_bounds(month)
+            holder = next(
+                (
+                    p
+                    for p in partition_selectors.partitions_of(spec) or []
+                    if not p.is_default
+                    and (p.start is None or p.end is None or (p.start < end and start < p.end))
+                ),
+                None,
+            )
+            if holder is not None:
+                sql = (
+                    f"BEGIN;\nINSERT INTO {_qualified(spec, spec.table)} "
+                    f"SELECT * FROM {_qualified(spec, table)};\n"
+                    f"DROP TABLE {_qualified(spec, table)};\nCOMMIT;"
+                )
+                raise ValidationError(
+                    PARTITION_MONTH_ATTACHED.format(
+                        parent=spec.table, month=f"{month:%Y-%m}", existing=holder.name, sql=sql
+                    )
+                )
         server, server_num = pgtools.server_version(alias)
         dump_major = int(manifest.postgres["pg_dump_version"].split(".")[0])
         client = pgtools.find_client("pg_restore", max(server_num // 10000, dump_major), server)
@@ -406,6 +555,5 @@ def partition_restore(
             )
         moved = 0
         if attach:
-            month = datetime.date.fromisoformat(info["from"][:10])
             moved = _create_partition(spec, month, existing=table)
     return PartitionRestoreResult(manifest.name, table, info["rows"], attach, moved)

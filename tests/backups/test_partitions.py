@@ -34,6 +34,19 @@ def name(k: int) -> str:
     return f"agent_history_{month(k):%Y_%m}"
 
 
+def month_of(table: str) -> str:
+    """agent_history_YYYY_MM of an archived table, named agent_history_YYYY_MM_<archive>."""
+    return table[: len("agent_history_YYYY_MM")]
+
+
+def archive_of(k: int) -> str:
+    return next(
+        s.name
+        for s in backup_list(archives=True)
+        if month_of(s.manifest.partition["table"]) == name(k)
+    )
+
+
 def at(k: int, day: int = 10) -> datetime.datetime:
     m = month(k)
     return datetime.datetime(m.year, m.month, day, 12, tzinfo=datetime.UTC)
@@ -122,7 +135,9 @@ def test_maintenance_applies_every_rule(history):
     assert tables[name(-16)] == (True, None, 1)
     assert f"leave {name(-16)} alone" in err
     assert AgentHistory.objects.count() == before_total - 6
-    archives = {s.manifest.partition["table"]: s.manifest for s in backup_list(archives=True)}
+    archives = {
+        month_of(s.manifest.partition["table"]): s.manifest for s in backup_list(archives=True)
+    }
     assert set(archives) == {name(-13), name(-14), name(-15)}
     assert archives[name(-13)].partition["rows"] == 3
     assert archives[name(-14)].partition["rows"] == 2
@@ -142,9 +157,7 @@ def test_twelve_months_are_kept(history_layout, backup_dir):
 
 def test_archives_restore_and_decrypt(history):
     run("--yes")
-    archive = next(
-        s.name for s in backup_list(archives=True) if s.manifest.partition["table"] == name(-13)
-    )
+    archive = archive_of(-13)
     out = StringIO()
 
     call_command("verify_backup", archive, stdout=out)
@@ -216,9 +229,14 @@ def test_detach_only_then_resume_with_archive_and_drop(history):
 def test_archive_without_drop_marks_the_table(history):
     run("--no-drop")
 
-    attached, comment, rows = layout()[name(-13)]
+    # Renamed after its archive, so that a later archive of the same month cannot clash.
+    archive = archive_of(-13)
+    table = next(t for t in layout() if month_of(t) == name(-13))
+    assert table == f"{name(-13)}_{archive.split('-', 2)[2].lower().replace('-', '_')}"
+    attached, comment, rows = layout()[table]
     assert (attached, rows) == (False, 3)
-    assert comment.startswith(MARK_ARCHIVED + " archive-" + name(-13))
+    assert comment == f"{MARK_ARCHIVED} {archive}"
+    assert archive.startswith("archive-" + name(-13) + "-")
 
 
 def test_failed_archive_keeps_the_detached_table(history, settings, tmp_path):
@@ -258,15 +276,14 @@ def test_premake_and_retention_are_configurable(history_layout, backup_dir, sett
 
 def test_restore_partition_brings_an_archive_back_and_maintenance_leaves_it(history):
     run("--yes")
-    archive = next(
-        s.name for s in backup_list(archives=True) if s.manifest.partition["table"] == name(-13)
-    )
+    archive = archive_of(-13)
     out = StringIO()
 
     call_command("restore_partition", archive, "--attach", stdout=out)
 
-    assert f"Restored {name(-13)} (3 rows) attached" in out.getvalue()
+    assert f"Restored {name(-13)}_" in out.getvalue()
+    assert "(3 rows) attached" in out.getvalue()
     assert AgentHistory.objects.filter(recorded_at__lt=at(-12, 1)).count() == 3 + 1  # + -16
     _out, err = run("--yes")
-    assert f"leave {name(-13)} alone: past retention, but restored" in err
-    assert layout()[name(-13)][0] is True
+    assert f"leave {name(-13)}_" in err and "alone: past retention, but restored" in err
+    assert next(v for t, v in layout().items() if month_of(t) == name(-13))[0] is True

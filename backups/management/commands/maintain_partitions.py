@@ -8,7 +8,8 @@ from backups.partitions import partitions_maintain
 class Command(BaseCommand):
     help = (
         "Maintain monthly partitions of agent_history: premake future months, move rows out "
-        "of the default partition, detach, archive and drop months past retention."
+        "of the default partition (quarantining rows no month can hold), detach, archive and "
+        "drop months past retention."
     )
 
     def add_arguments(self, parser):
@@ -56,6 +57,11 @@ class Command(BaseCommand):
                 self.stderr.write(self.style.WARNING(action.describe()))
             elif report.dry_run:
                 self.stdout.write("would " + action.describe())
+        # Quarantined rows are data an operator has to look at: said on stderr too.
+        for action in plan.actions if report.dry_run else report.done:
+            if action.kind == "quarantine":
+                prefix = "would " if report.dry_run else ""
+                self.stderr.write(self.style.WARNING(prefix + action.describe()))
         if report.dry_run:
             self.stdout.write(f"Dry run: {len(plan.changes)} change(s) planned, none made.")
             return
@@ -71,4 +77,6 @@ class Command(BaseCommand):
                 ("drop", "dropped"),
             )
         )
+        if report.quarantined:
+            counts += f", {report.quarantined} rows quarantined"
         self.stdout.write(self.style.SUCCESS(counts))
