@@ -9,6 +9,7 @@ rename, so the target is either untouched or fully restored.
 
 import contextlib
 import datetime
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -66,6 +67,10 @@ KEEP_PREVIOUS_WITHOUT_POSTGRES = (
     "--keep-previous keeps the database a restore replaces; with --skip-postgres (or a "
     "backup without a PostgreSQL dump) no database is replaced."
 )
+BACKUP_DIR_UNUSABLE = (
+    "The backup directory {location} cannot be used: {problem}. Check BACKUP_DIR (or "
+    "STORAGES['backups'])."
+)
 KEEP_PREVIOUS_NOTHING = "--keep-previous: {target} did not exist, so there was nothing to keep."
 
 # ---------------------------------------------------------------------------------------
@@ -90,6 +95,24 @@ def _pg_target(alias: str, dbname: str | None = None) -> str:
     host = config.get("HOST") or "local socket"
     port = f":{config['PORT']}" if config.get("PORT") else ""
     return f'database "{dbname or config["NAME"]}" on {host}{port}'
+
+
+def _check_backup_dir() -> None:
+    """Refuse a local backup directory that cannot be created or written before any dump
+    starts, instead of failing after minutes of pg_dump. Reads only: a dry run uses it."""
+    location = storage.local_path("")
+    if location is None:
+        return
+    existing = location
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # exists() is False under a regular file, too
+    if not existing.is_dir():
+        problem = f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable by this user"
+    else:
+        return
+    raise BackupError(BACKUP_DIR_UNUSABLE.format(location=location, problem=problem))
 
 
 def backup_create(
@@ -118,6 +141,7 @@ def backup_create(
         raise ValidationError(RETENTION_NEEDS_YES)
     if not (include_postgres or include_redis):
         raise ValidationError(NOTHING_TO_BACK_UP)
+    _check_backup_dir()
     key = encryption_key()
     redis_url = settings.BACKUP_REDIS_URL
     if dry_run:
