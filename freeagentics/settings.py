@@ -4,7 +4,9 @@ Defaults exist only for local development. With DEBUG off, the variables that
 guard data (SECRET_KEY, FREEAGENTICS_ENCRYPTION_KEYS, DATABASE_URL) must be set.
 """
 
+import base64
 import os
+import re
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -49,6 +51,34 @@ def required(name: str, dev_default: str) -> str:
     raise ImproperlyConfigured(f"{name} must be set when DEBUG is off.")
 
 
+_FERNET_KEY = re.compile(r"[A-Za-z0-9_-]{43}=")
+
+
+def check_fernet_keys(name: str, keys: list[str]) -> None:
+    """Fails start-up on a key Fernet cannot use, instead of the first page that decrypts.
+    The message names the key's position, never the key."""
+    for position, key in enumerate(keys, start=1):
+        if not _FERNET_KEY.fullmatch(key) or len(base64.urlsafe_b64decode(key)) != 32:
+            raise ImproperlyConfigured(
+                f"{name}: key {position} of {len(keys)} is not a Fernet key (44 characters "
+                "of url-safe base64 encoding 32 bytes, as Fernet.generate_key() makes)."
+            )
+
+
+def env_header(name: str) -> tuple[str, str] | None:
+    """'HTTP_X_FORWARDED_PROTO,https' -> ("HTTP_X_FORWARDED_PROTO", "https")."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    header, _, value = (part.strip() for part in raw.partition(","))
+    if not re.fullmatch(r"HTTP_[A-Z0-9_]+", header) or not value:
+        raise ImproperlyConfigured(
+            f"{name} must be 'HTTP_<HEADER>,<value>' (e.g. HTTP_X_FORWARDED_PROTO,https), "
+            f"got {raw!r}."
+        )
+    return header, value
+
+
 def database_from_url(url: str) -> dict:
     parts = urlsplit(url)
     if parts.scheme not in {"postgres", "postgresql"}:
@@ -79,17 +109,26 @@ def database_from_url(url: str) -> dict:
 
 DEBUG = env_bool("DEBUG", False)
 
-SECRET_KEY = required("SECRET_KEY", "dev-only-insecure-secret-key-do-not-use-in-production")
+# Development-only secrets, so a fresh checkout runs; refused with DEBUG off.
+DEV_SECRET_KEY = "dev-only-insecure-secret-key-do-not-use-in-production"
+DEV_ENCRYPTION_KEY = "ZGV2LW9ubHkta2V5LWRvLW5vdC11c2UtMzItYnl0ZXM="
+
+SECRET_KEY = required("SECRET_KEY", DEV_SECRET_KEY)
+if not DEBUG and SECRET_KEY == DEV_SECRET_KEY:
+    raise ImproperlyConfigured("SECRET_KEY: the development key is refused when DEBUG is off.")
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost" if DEBUG else "")
 
 # Comma-separated Fernet keys: the first encrypts, every key decrypts (MultiFernet).
 FREEAGENTICS_ENCRYPTION_KEYS = env_list(
-    "FREEAGENTICS_ENCRYPTION_KEYS",
-    # Development-only key, so a fresh checkout runs; never valid with DEBUG off.
-    "" if not DEBUG else "ZGV2LW9ubHkta2V5LWRvLW5vdC11c2UtMzItYnl0ZXM=",
+    "FREEAGENTICS_ENCRYPTION_KEYS", DEV_ENCRYPTION_KEY if DEBUG else ""
 )
 if not FREEAGENTICS_ENCRYPTION_KEYS:
     raise ImproperlyConfigured("FREEAGENTICS_ENCRYPTION_KEYS must be set when DEBUG is off.")
+check_fernet_keys("FREEAGENTICS_ENCRYPTION_KEYS", FREEAGENTICS_ENCRYPTION_KEYS)
+if not DEBUG and DEV_ENCRYPTION_KEY in FREEAGENTICS_ENCRYPTION_KEYS:
+    raise ImproperlyConfigured(
+        "FREEAGENTICS_ENCRYPTION_KEYS: the development key is refused when DEBUG is off."
+    )
 
 DATABASES = {
     "default": database_from_url(
@@ -147,6 +186,21 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
+
+# --- HTTPS ---
+# Production defaults pass `manage.py check --deploy`. Behind a TLS-terminating proxy set
+# SECURE_PROXY_SSL_HEADER=HTTP_X_FORWARDED_PROTO,https, and only if the proxy always sets
+# that header itself (a client could otherwise claim HTTPS).
+SECURE_PROXY_SSL_HEADER = env_header("SECURE_PROXY_SSL_HEADER")
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", not DEBUG)
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0 if DEBUG else 31_536_000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", not DEBUG)
+# A promise to browsers' preload lists that is hard to take back: the operator opts in.
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", not DEBUG)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", not DEBUG)
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+# --- end HTTPS ---
 
 ROOT_URLCONF = "freeagentics.urls"
 WSGI_APPLICATION = "freeagentics.wsgi.application"

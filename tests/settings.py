@@ -12,6 +12,11 @@ os.environ.setdefault(
 )
 os.environ.setdefault("CACHE_KEY_PREFIX", "test")
 os.environ.setdefault("CHANNEL_PREFIX", "test-asgi")
+# Tests speak plain HTTP to loopback servers; production's HTTPS settings are tested
+# on their own in tests/test_settings.py.
+os.environ.setdefault("SECURE_SSL_REDIRECT", "0")
+os.environ.setdefault("SESSION_COOKIE_SECURE", "0")
+os.environ.setdefault("CSRF_COOKIE_SECURE", "0")
 
 from freeagentics.settings import *  # noqa: F403
 

@@ -64,3 +64,127 @@ def test_non_postgres_database_url_is_refused():
 def test_bad_boolean_is_named():
     result = load_settings({**COMPLETE, "DEBUG": "maybe"})
     assert "DEBUG must be a boolean" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "keys, position",
+    [
+        ("not-a-key", 1),
+        ("j0BikImprDHDLmqRY3Lwqh54e7y_J3kuTUJqAnpvd1M", 1),  # padding missing
+        ("j0BikImprDHDLmqRY3Lwqh54e7y/J3kuTUJqAnpvd1M=", 1),  # standard, not url-safe, base64
+        ("j0BikImprDHDLmqRY3Lwqh54e7y_J3kuTUJqAnpvd1M=,MTIzNDU2Nzg5MDEyMzQ1Njc4OTAxMg==", 2),
+        ("j0BikImprDHDLmqRY3Lwqh54e7y_J3kuTUJqAnpvd1M=,0123456789abcdef0123456789abcdef", 2),
+    ],
+)
+@pytest.mark.reliability("service bad input")
+def test_malformed_encryption_key_stops_start_up_naming_its_position(keys, position):
+    result = load_settings({**COMPLETE, "FREEAGENTICS_ENCRYPTION_KEYS": keys})
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr
+    total = len(keys.split(","))
+    assert f"FREEAGENTICS_ENCRYPTION_KEYS: key {position} of {total} is not a Fernet key" in (
+        result.stderr
+    )
+    for key in keys.split(","):
+        assert key not in result.stderr  # the message names the key, never shows it
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("SECRET_KEY", "dev-only-insecure-secret-key-do-not-use-in-production"),
+        ("FREEAGENTICS_ENCRYPTION_KEYS", "ZGV2LW9ubHkta2V5LWRvLW5vdC11c2UtMzItYnl0ZXM="),
+        (
+            "FREEAGENTICS_ENCRYPTION_KEYS",
+            "j0BikImprDHDLmqRY3Lwqh54e7y_J3kuTUJqAnpvd1M=,"
+            "ZGV2LW9ubHkta2V5LWRvLW5vdC11c2UtMzItYnl0ZXM=",
+        ),
+    ],
+)
+def test_development_secrets_are_refused_when_debug_is_off(name, value):
+    result = load_settings({**COMPLETE, name: value})
+    assert result.returncode != 0
+    assert f"{name}: the development key is refused when DEBUG is off" in result.stderr
+    assert load_settings({**COMPLETE, "DEBUG": "1", name: value}).returncode == 0
+
+
+def test_bad_proxy_header_is_named():
+    result = load_settings({**COMPLETE, "SECURE_PROXY_SSL_HEADER": "X-Forwarded-Proto"})
+    assert "SECURE_PROXY_SSL_HEADER must be 'HTTP_<HEADER>,<value>'" in result.stderr
+
+
+# The production environment README.md documents ("Production settings"), with secrets
+# of the documented shape.
+DOCUMENTED_PRODUCTION = {
+    **COMPLETE,
+    "SECRET_KEY": "Xq3v9Lr2Tz8Nw4Kp6Bd1Hf7Gm5Jc0Sa-Ye_Ui3Oo9Pl2Mn8Vb4Cx6Zt1Qr7Ws5Ed0",
+    "ALLOWED_HOSTS": "agents.example.com",
+    "CSRF_TRUSTED_ORIGINS": "https://agents.example.com",
+    "SECURE_PROXY_SSL_HEADER": "HTTP_X_FORWARDED_PROTO,https",
+    "SECURE_HSTS_PRELOAD": "1",
+}
+# Variables tests/settings.py sets for the test servers; production leaves them unset.
+TEST_ONLY = ("SECURE_SSL_REDIRECT", "SESSION_COOKIE_SECURE", "CSRF_COOKIE_SECURE")
+
+
+def run_production(*argv: str, env: dict | None = None):
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in DOCUMENTED_PRODUCTION and k not in TEST_ONLY and k != "DJANGO_SETTINGS_MODULE"
+    }
+    return subprocess.run(
+        [sys.executable, *argv],
+        cwd=ROOT,
+        env={
+            **clean,
+            **(env or DOCUMENTED_PRODUCTION),
+            "DJANGO_SETTINGS_MODULE": "freeagentics.settings",
+        },
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_check_deploy_is_clean_with_the_documented_production_environment():
+    result = run_production("manage.py", "check", "--deploy", "--fail-level", "WARNING")
+    assert result.returncode == 0, result.stderr
+    assert "System check identified no issues" in result.stdout
+
+
+def test_check_deploy_warns_without_the_https_settings():
+    # The clean result above is the settings' doing: switch them off and Django complains.
+    env = {
+        **DOCUMENTED_PRODUCTION,
+        "SECURE_HSTS_SECONDS": "0",
+        "SECURE_SSL_REDIRECT": "0",
+        "SESSION_COOKIE_SECURE": "0",
+        "CSRF_COOKIE_SECURE": "0",
+    }
+    result = run_production("manage.py", "check", "--deploy", "--fail-level", "WARNING", env=env)
+    assert result.returncode != 0
+    for warning in ("security.W004", "security.W008", "security.W012", "security.W016"):
+        assert warning in result.stderr
+
+
+PROXY_PROBE = """
+import django
+django.setup()
+from django.test import Client
+client = Client(HTTP_HOST="agents.example.com")
+plain = client.get("/admin/login/")
+proxied = client.get("/admin/login/", HTTP_X_FORWARDED_PROTO="https")
+print(plain.status_code, plain.headers.get("Location"))
+print(proxied.status_code, proxied.headers.get("Strict-Transport-Security"))
+"""
+
+
+def test_behind_the_proxy_https_is_recognised_and_plain_http_redirected():
+    result = run_production("-c", PROXY_PROBE)
+    assert result.returncode == 0, result.stderr
+    plain, proxied = result.stdout.splitlines()
+    assert plain == "301 https://agents.example.com/admin/login/"
+    status, hsts = proxied.split(" ", 1)
+    # Not redirected again (no loop behind the proxy), and HSTS is sent.
+    assert status != "301"
+    assert hsts == "max-age=31536000; includeSubDomains; preload"
