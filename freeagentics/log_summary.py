@@ -65,9 +65,18 @@ class SummaryLog:
         with self._lock:
             kinds = list(self._episodes) if kind is None else [kind]
             ended = [(k, self._episodes.pop(k)) for k in kinds if k in self._episodes]
+            if not self._episodes and self._timer is not None:
+                # Nothing left to summarise: no timer thread waits for nothing.
+                self._timer.cancel()
+                self._timer = None
         now = time.monotonic()
         for name, episode in ended:
             self._summarise(name, episode, now)
+
+    def active(self, kind: str) -> bool:
+        """Whether an episode of `kind` is going on: its next event would only be counted."""
+        with self._lock:
+            return kind in self._episodes
 
     def _start_timer(self) -> None:
         self._timer = threading.Timer(self.interval, self._tick)
@@ -77,6 +86,9 @@ class SummaryLog:
     def _tick(self) -> None:
         now = time.monotonic()
         with self._lock:
+            if threading.current_thread() is not self._timer:
+                # Cancelled by flush() while it was already due; a newer timer runs.
+                return
             due = []
             for name, episode in list(self._episodes.items()):
                 if episode.count:

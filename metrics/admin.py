@@ -3,13 +3,14 @@ from django.core.paginator import Paginator
 from django.utils.functional import cached_property
 
 from metrics.charts import outbox_indicator
-from metrics.models import OutboxPoint, RejectedPoint
+from metrics.models import DroppedPoints, OutboxPoint, RejectedPoint
 from metrics.selectors import outbox_status
+from metrics.services import dropped_points_acknowledge
 
 
 class _EstimatedPaginator(Paginator):
     """count(*) over millions of waiting rows would make the page as slow as the
-    outage is long; the id-range estimate costs two index probes."""
+    outage is long; the running count (metrics_outbox_count) is as exact and small."""
 
     @cached_property
     def count(self):
@@ -58,3 +59,45 @@ class RejectedPointAdmin(_SuperuserOnly, admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return request.user.is_active and request.user.is_superuser
+
+
+class _Acknowledged(admin.SimpleListFilter):
+    title = "acknowledged"
+    parameter_name = "acknowledged"
+
+    def lookups(self, request, model_admin):
+        return [("no", "Not yet"), ("yes", "Yes")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "no":
+            return queryset.filter(acknowledged_at__isnull=True)
+        if self.value() == "yes":
+            return queryset.filter(acknowledged_at__isnull=False)
+        return queryset
+
+
+@admin.register(DroppedPoints)
+class DroppedPointsAdmin(_SuperuserOnly, admin.ModelAdmin):
+    list_display = ["minute", "reason", "points", "last_dropped_at", "acknowledged_at"]
+    list_filter = [_Acknowledged, "reason"]
+    readonly_fields = ["minute", "reason", "points", "last_dropped_at", "acknowledged_at"]
+    actions = ["acknowledge"]
+
+    def has_delete_permission(self, request, obj=None):
+        # The record of what was lost stays; rows are one per minute, so it stays small.
+        return False
+
+    def has_acknowledge_permission(self, request):
+        return request.user.is_active and request.user.is_superuser
+
+    def changelist_view(self, request, extra_context=None):
+        extra_context = {**(extra_context or {}), "metrics_indicator": outbox_indicator()}
+        return super().changelist_view(request, extra_context=extra_context)
+
+    @admin.action(
+        description="Acknowledge selected drops (the outbox indicator stops counting them)",
+        permissions=["acknowledge"],
+    )
+    def acknowledge(self, request, queryset):
+        count = dropped_points_acknowledge(ids=list(queryset.values_list("id", flat=True)))
+        self.message_user(request, f"{count} row(s) of dropped points acknowledged.")

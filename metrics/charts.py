@@ -17,6 +17,7 @@ from django.template.loader import render_to_string
 from django.utils.safestring import SafeString
 from django.utils.timesince import timesince
 
+from freeagentics.log_summary import SummaryLog
 from metrics import client, selectors
 from metrics.exceptions import InfluxDBUnavailable, MetricsError
 
@@ -36,6 +37,14 @@ _SERIES = (
 )
 
 
+# Repeated failures are logged once, then counted per LOG_SUMMARY_SECONDS (never silent).
+problems = SummaryLog(logger, interval=settings.LOG_SUMMARY_SECONDS)
+errors = SummaryLog(logger, interval=settings.LOG_SUMMARY_SECONDS, level=logging.ERROR)
+
+CHARTS_UNAVAILABLE = "InfluxDB unavailable for charts"
+CHARTS_FAILED = "Agent metrics chart failed"
+
+
 class _Outage:
     def __init__(self):
         self._lock = threading.Lock()
@@ -47,10 +56,9 @@ class _Outage:
 
     def record(self, reason: str) -> None:
         with self._lock:
-            if not self.active():
-                logger.warning("InfluxDB unavailable for charts: %s", reason)
             self.until = time.monotonic() + RETRY_AFTER
             self.reason = reason
+        problems.event(CHARTS_UNAVAILABLE, "InfluxDB unavailable for charts: %s", reason)
 
 
 outage = _Outage()
@@ -84,7 +92,7 @@ def agent_metrics_chart(agent_id, tenant_id, hours: int = 24) -> SafeString:
         return _message("error", FAILED.format(reason="; ".join(e.messages)))
     except Exception as e:
         # An admin page must render whatever InfluxDB or a proxy in front of it answers.
-        logger.exception("Agent metrics chart failed")
+        errors.event(CHARTS_FAILED, "Agent metrics chart failed", exc_info=True)
         return _message("error", FAILED.format(reason=type(e).__name__))
     if not any(row[name] is not None for row in rows for name, _, _ in _SERIES):
         return _message("no-data", NO_DATA.format(hours=hours))
@@ -159,7 +167,8 @@ STALE_AFTER = datetime.timedelta(minutes=5)
 
 def outbox_indicator() -> SafeString:
     """Safe HTML summarising the outbox for the admin: points waiting and the oldest
-    one's age, the cap and how full it is, points dropped and points rejected."""
+    one's age, the cap and how full it is, points dropped and points rejected. Drops an
+    operator acknowledged (Dropped points admin) no longer turn it into a warning."""
     status = selectors.outbox_status()
     age = status.oldest_age
     if status.full:
@@ -167,6 +176,7 @@ def outbox_indicator() -> SafeString:
     elif age is not None and age > STALE_AFTER:
         state, headline = "behind", "backlog: InfluxDB or the flusher is behind"
     elif status.dropped_points or status.rejected:
+        # Unacknowledged drops only: once an operator has seen them, they are history.
         state, headline = "warning", "flowing, but points were dropped or rejected"
     else:
         state, headline = "ok", "flowing"

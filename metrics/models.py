@@ -28,19 +28,49 @@ class OutboxPoint(models.Model):
         return self.line.split(",", 1)[0].split(" ", 1)[0]
 
 
-class DroppedPoints(models.Model):
-    """Points refused because the outbox was full: one row per refused batch."""
+class OutboxCount(models.Model):
+    """A change in the number of rows of metrics_outbox; their sum is the backlog.
 
-    dropped_at = models.DateTimeField(db_default=Now(), editable=False)
-    points = models.IntegerField()
+    Triggers on metrics_outbox insert one row per INSERT or DELETE statement (+n or -n),
+    in that statement's transaction, so a rolled-back insert rolls back its count, and
+    merge older rows into one now and then (migration 0002). Writers only ever insert
+    here, so no agent write waits for another on a counter row.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    points = models.BigIntegerField()
+
+    class Meta:
+        db_table = "metrics_outbox_count"
+
+    def __str__(self):
+        return f"{self.points:+d} point(s)"
+
+
+class DroppedPoints(models.Model):
+    """Points refused because the outbox was full, counted per minute and reason.
+
+    Writers add to the minute's unacknowledged row, or open another one when that row is
+    held by a transaction still in progress (they never wait for it), so the table grows
+    with time and concurrency, not with the number of refused writes.
+    """
+
+    OUTBOX_FULL = "outbox full"
+
+    minute = models.DateTimeField(help_text="Start of the minute (UTC) of these drops.")
+    reason = models.CharField(max_length=64, db_default=OUTBOX_FULL)
+    points = models.BigIntegerField()
+    last_dropped_at = models.DateTimeField(db_default=Now(), editable=False)
+    acknowledged_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         db_table = "metrics_outbox_dropped"
-        ordering = ["-dropped_at"]
+        ordering = ["-minute", "-id"]
         verbose_name_plural = "dropped points"
+        indexes = [models.Index(fields=["minute", "reason"], name="metrics_dropped_minute")]
 
     def __str__(self):
-        return f"{self.points} point(s) at {self.dropped_at:%Y-%m-%d %H:%M:%S}"
+        return f"{self.points} point(s) dropped ({self.reason}) at {self.minute:%Y-%m-%d %H:%M}"
 
 
 class RejectedPoint(models.Model):

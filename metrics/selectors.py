@@ -127,10 +127,12 @@ class OutboxStatus:
     exact: bool
     oldest_at: datetime.datetime | None
     cap: int
-    dropped_points: int
-    last_dropped_at: datetime.datetime | None
+    dropped_points: int  # not yet acknowledged by an operator
+    last_dropped_at: datetime.datetime | None  # the latest unacknowledged drop
+    dropped_acknowledged: int
     rejected: int
     configured: bool
+    counted: int | None = None  # exact=True: what metrics_outbox_count says
 
     @property
     def full(self) -> bool:
@@ -146,26 +148,40 @@ class OutboxStatus:
             return None
         return datetime.datetime.now(datetime.UTC) - self.oldest_at
 
+    @property
+    def count_drift(self) -> int:
+        """Rows counted minus the counter's figure: 0 unless writes bypassed the
+        triggers (services.outbox_recount corrects it); 0 without exact=True."""
+        return 0 if self.counted is None else self.pending - self.counted
+
 
 _STATUS_SQL = """
 SELECT
     {pending},
+    (SELECT COALESCE(sum(points), 0) FROM metrics_outbox_count),
     (SELECT created_at FROM metrics_outbox ORDER BY id LIMIT 1),
-    (SELECT COALESCE(sum(points), 0) FROM metrics_outbox_dropped),
-    (SELECT max(dropped_at) FROM metrics_outbox_dropped),
+    (SELECT COALESCE(sum(points), 0) FROM metrics_outbox_dropped WHERE acknowledged_at IS NULL),
+    (SELECT max(last_dropped_at) FROM metrics_outbox_dropped WHERE acknowledged_at IS NULL),
+    (SELECT COALESCE(sum(points), 0) FROM metrics_outbox_dropped
+     WHERE acknowledged_at IS NOT NULL),
     (SELECT count(*) FROM metrics_outbox_rejected)
 """
-_PENDING_ESTIMATE = "(SELECT COALESCE(max(id) - min(id) + 1, 0) FROM metrics_outbox)"
+# The triggers' running count, the figure the cap uses: as exact as count(*), without
+# reading millions of rows.
+_PENDING_COUNTER = "(SELECT COALESCE(sum(points), 0) FROM metrics_outbox_count)"
 _PENDING_EXACT = "(SELECT count(*) FROM metrics_outbox)"
 
 
 def outbox_status(*, exact: bool = False) -> OutboxStatus:
-    """The backlog: points waiting (by default the cheap id-range estimate the cap
-    uses, an upper bound; exact=True counts rows), the oldest one's age, points dropped
-    because the outbox was full, and points InfluxDB rejected."""
+    """The backlog: points waiting (by default metrics_outbox_count's sum, which the cap
+    uses; exact=True counts the rows as well, in the same snapshot, and keeps the sum in
+    `counted`), the oldest one's age, points dropped because the outbox was full (not
+    yet acknowledged, and acknowledged), and points InfluxDB rejected."""
     with connection.cursor() as cursor:
-        cursor.execute(_STATUS_SQL.format(pending=_PENDING_EXACT if exact else _PENDING_ESTIMATE))
-        pending, oldest_at, dropped, last_dropped_at, rejected = cursor.fetchone()
+        cursor.execute(_STATUS_SQL.format(pending=_PENDING_EXACT if exact else _PENDING_COUNTER))
+        (pending, counted, oldest_at, dropped, last_dropped_at, acknowledged, rejected) = (
+            cursor.fetchone()
+        )
     return OutboxStatus(
         pending=pending,
         exact=exact,
@@ -173,6 +189,8 @@ def outbox_status(*, exact: bool = False) -> OutboxStatus:
         cap=settings.METRICS_OUTBOX_MAX_POINTS,
         dropped_points=dropped,
         last_dropped_at=last_dropped_at,
+        dropped_acknowledged=acknowledged,
         rejected=rejected,
         configured=client.is_configured(),
+        counted=counted if exact else None,
     )

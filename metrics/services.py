@@ -8,10 +8,11 @@ only after InfluxDB acknowledged the batch; a flusher that dies in between never
 commits it, so the rows are sent again, and overwrite themselves in InfluxDB (same
 measurement, tags and timestamp).
 
-Cap: when the outbox holds METRICS_OUTBOX_MAX_POINTS points, new points are dropped
-(the newest, as Vector's `drop_newest`), counted in metrics_outbox_dropped and logged
-at ERROR. The agent write itself never fails or waits: the check and the count are
-part of the one INSERT statement that records the points.
+Cap: when the outbox holds METRICS_OUTBOX_MAX_POINTS rows, new points are dropped (the
+newest, as Vector's `drop_newest`), counted per minute in metrics_outbox_dropped until an
+operator acknowledges them, and logged at ERROR (the first at once, then a count per
+LOG_SUMMARY_SECONDS). The agent write itself never fails or waits: the check and the
+count are part of the one INSERT statement that records the points.
 """
 
 import logging
@@ -25,11 +26,14 @@ import numpy as np
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import DatabaseError, connection, transaction
+from django.db.models.functions import Now
 
 from agents.types import AgentState, AgentStateUpdate
 from freeagentics.db import server_binding_cursor
+from freeagentics.log_summary import SummaryLog
 from metrics import client, points
 from metrics.exceptions import InfluxDBRejected, InfluxDBUnavailable
+from metrics.models import DroppedPoints
 
 logger = logging.getLogger(__name__)
 
@@ -38,24 +42,49 @@ BATCH_SIZE_RANGE = "batch_size: must be between 1 and 100000, got {value!r}."
 WORKERS_RANGE = "workers: must be between 1 and 16, got {value!r}."
 RETRIES_RANGE = "retries: must be between 1 and 1000 attempts, got {value!r}."
 
-# One statement, so recording adds one round trip per batch. "Full" means the id range
-# max(id) - min(id) + 1 (an upper bound of the backlog, exact unless rolled-back inserts
-# skipped ids) reached the cap, asked as "is any row at least cap ids below the newest":
-# min(id) itself would walk every dead index entry the flusher left at the low end of
-# the index since the last vacuum (half a second after draining a million points),
-# while this scan stops at the first key above the bound.
+# One statement, so recording adds one round trip per batch. "Full" means the outbox
+# holds `cap` rows, as metrics_outbox_count sums them (maintained by triggers in the
+# writers' own transactions, so rolled-back inserts count as nothing). The sum is read
+# only when the id range max(id) - min(id) + 1, an upper bound of the rows, reaches the
+# cap: below that the outbox cannot be full, and two index probes say so. The range is
+# asked as "is any row at least cap ids below the newest": min(id) itself would walk
+# every dead index entry the flusher left at the low end of the index since the last
+# vacuum, while this scan stops at the first key above the bound. (The CASE evaluates
+# the sum's subquery only when the range is at the cap.)
+#
+# A refused batch is added to this minute's unacknowledged row of metrics_outbox_dropped,
+# unless a transaction in progress holds that row: then it opens another. ON CONFLICT
+# DO UPDATE would wait for that transaction instead, so a full outbox would queue every
+# agent write behind the others' commits, and could deadlock two of them.
 _OUTBOX_INSERT_SQL = """
 WITH state AS (
-    SELECT (
-        SELECT id FROM metrics_outbox
-        WHERE id <= (SELECT max(id) FROM metrics_outbox) - %b::bigint + 1
-        ORDER BY id LIMIT 1
-    ) IS NOT NULL AS is_full
+    SELECT CASE
+        WHEN (
+            SELECT id FROM metrics_outbox
+            WHERE id <= (SELECT max(id) FROM metrics_outbox) - %b::bigint + 1
+            ORDER BY id LIMIT 1
+        ) IS NULL THEN false
+        ELSE (SELECT COALESCE(sum(points), 0) FROM metrics_outbox_count) >= %b::bigint
+    END AS is_full
 ), added AS (
     INSERT INTO metrics_outbox (line)
     SELECT line FROM unnest(%b::text[]) AS line, state WHERE NOT state.is_full
-), dropped AS (
-    INSERT INTO metrics_outbox_dropped (points) SELECT %b::int FROM state WHERE state.is_full
+), minute_row AS (
+    SELECT dropped.id FROM metrics_outbox_dropped AS dropped, state
+    WHERE state.is_full
+        AND dropped.minute = date_trunc('minute', now())
+        AND dropped.reason = %b::text
+        AND dropped.acknowledged_at IS NULL
+    ORDER BY dropped.id LIMIT 1
+    FOR UPDATE OF dropped SKIP LOCKED
+), counted AS (
+    UPDATE metrics_outbox_dropped SET points = points + %b::bigint, last_dropped_at = now()
+    WHERE id = (SELECT id FROM minute_row)
+    RETURNING id
+), opened AS (
+    INSERT INTO metrics_outbox_dropped (minute, reason, points)
+    SELECT date_trunc('minute', now()), %b::text, %b::bigint FROM state
+    WHERE state.is_full AND NOT EXISTS (SELECT FROM counted)
 )
 SELECT is_full FROM state
 """
@@ -74,33 +103,14 @@ INSERT INTO metrics_outbox (line) SELECT line FROM moved ORDER BY id
 _NO_LIMIT = 2**63 - 1
 
 
-class _DropLog:
-    """Logs dropped points at ERROR at most once a minute per process, with the count
-    since the last line, so a full outbox is loud without flooding the log."""
+# Repeated problems are logged once, then counted per LOG_SUMMARY_SECONDS (never silent).
+errors = SummaryLog(logger, interval=settings.LOG_SUMMARY_SECONDS, level=logging.ERROR)
+problems = SummaryLog(logger, interval=settings.LOG_SUMMARY_SECONDS)
 
-    INTERVAL = 60.0
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._pending = 0
-        self._last = float("-inf")
-
-    def add(self, count: int) -> None:
-        with self._lock:
-            self._pending += count
-            now = time.monotonic()
-            if now - self._last < self.INTERVAL:
-                return
-            dropped, self._pending, self._last = self._pending, 0, now
-        logger.error(
-            "Metrics outbox is full (METRICS_OUTBOX_MAX_POINTS=%d): dropped %d new point(s). "
-            "Start or fix the flusher (manage.py flush_metrics --follow).",
-            settings.METRICS_OUTBOX_MAX_POINTS,
-            dropped,
-        )
-
-
-_drop_log = _DropLog()
+POINTS_DROPPED = "Metrics points dropped (outbox full)"
+POINTS_NOT_BUILT = "Metrics points not built"
+POINTS_REJECTED = "Metrics points rejected by InfluxDB"
+FLUSH_FAILED = "Metrics flush failed"
 
 
 def outbox_add(lines: Sequence[str]) -> int:
@@ -110,31 +120,33 @@ def outbox_add(lines: Sequence[str]) -> int:
     if not lines:
         return 0
     with server_binding_cursor() as cursor:
-        cursor.execute(
-            _OUTBOX_INSERT_SQL, [settings.METRICS_OUTBOX_MAX_POINTS, list(lines), len(lines)]
-        )
+        cap, count = settings.METRICS_OUTBOX_MAX_POINTS, len(lines)
+        reason = DroppedPoints.OUTBOX_FULL
+        cursor.execute(_OUTBOX_INSERT_SQL, [cap, cap, list(lines), reason, count, reason, count])
         (full,) = cursor.fetchone()
     if full:
-        _drop_log.add(len(lines))
+        errors.event(
+            POINTS_DROPPED,
+            "Metrics outbox is full (METRICS_OUTBOX_MAX_POINTS=%d): new points are dropped "
+            "and counted in Dropped points. Start or fix the flusher "
+            "(manage.py flush_metrics --follow).",
+            settings.METRICS_OUTBOX_MAX_POINTS,
+            count=len(lines),
+        )
         return 0
     return len(lines)
-
-
-_oversized_warned: set[int] = set()
 
 
 def _dimensions_allowed(size: int) -> bool:
     if size <= settings.METRICS_BELIEF_DIMENSIONS_MAX:
         return True
-    # Once per size and process: a batch of thousands must not log thousands of lines.
-    if size not in _oversized_warned:
-        _oversized_warned.add(size)
-        logger.warning(
-            "Belief arrays of %d elements exceed METRICS_BELIEF_DIMENSIONS_MAX=%d: "
-            "per-dimension fields are not recorded for them.",
-            size,
-            settings.METRICS_BELIEF_DIMENSIONS_MAX,
-        )
+    problems.event(
+        f"Belief arrays of {size} elements recorded without dimension fields",
+        "Belief arrays of %d elements exceed METRICS_BELIEF_DIMENSIONS_MAX=%d: "
+        "per-dimension fields are not recorded for them.",
+        size,
+        settings.METRICS_BELIEF_DIMENSIONS_MAX,
+    )
     return False
 
 
@@ -193,7 +205,13 @@ def agent_metrics_record(
         )
         lines = _agent_lines(states, free_energies, [s.beliefs for s in states])
     except Exception:
-        logger.exception("Could not build agent metrics; %d point(s) not recorded", len(states))
+        errors.event(
+            POINTS_NOT_BUILT,
+            "Could not build agent metrics; %d point(s) not recorded",
+            len(states),
+            count=len(states),
+            exc_info=True,
+        )
         return
     outbox_add(lines)
 
@@ -355,6 +373,15 @@ def _flush_batch(*, batch_size: int, upto: int, config, report: FlushReport) -> 
         cursor.execute(_FLUSH_DELETE_SQL, [[row_id for row_id, _ in rows]])
         if rejected:
             cursor.execute(_REJECT_SQL, [[r[0] for r in rejected], [r[1] for r in rejected]])
+    if rejected:
+        problems.event(
+            POINTS_REJECTED,
+            "InfluxDB rejected %d point(s), kept in metrics_outbox_rejected (admin: Rejected "
+            "points; flush_metrics --requeue-rejected after a fix). The first: %s",
+            len(rejected),
+            rejected[0][1],
+            count=len(rejected),
+        )
     report.sent += len(rows) - len(rejected)
     report.rejected += len(rejected)
     report.batches += 1
@@ -468,14 +495,18 @@ def _flush_worker(
                 # A broken connection is replaced on the next use; the batch was rolled back.
                 connection.close_if_unusable_or_obsolete()
             # `retries` is the number of attempts: METRICS_FLUSH_RETRIES=5 sends 5 requests.
+            # Every failed attempt is counted: the first is logged at once, the rest in
+            # a summary line per LOG_SUMMARY_SECONDS while the outage lasts.
+            problems.event(FLUSH_FAILED, "Metrics flush attempt %d failed: %s", consecutive, e)
             if not follow and consecutive >= retries:
+                problems.flush(FLUSH_FAILED)
                 raise
             if failing_since is None:
                 failing_since = time.monotonic()
-                logger.warning("Metrics flush failed, retrying with backoff: %s", e)
             stop.wait(_backoff_delay(consecutive))
             continue
         if failing_since is not None:
+            problems.flush(FLUSH_FAILED)
             logger.warning("Metrics flush recovered after %.0f s", time.monotonic() - failing_since)
             consecutive, failing_since = 0, None
         if shipped:
@@ -485,6 +516,9 @@ def _flush_worker(
         if not follow:
             break
         stop.wait(poll_interval)
+    if failing_since is not None:
+        # Stopped during an outage: what was counted is logged now, not at the next tick.
+        problems.flush(FLUSH_FAILED)
     return report
 
 
@@ -494,3 +528,40 @@ def outbox_requeue_rejected() -> int:
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(_REQUEUE_SQL)
         return cursor.rowcount
+
+
+_RECOUNT_SQL = """
+INSERT INTO metrics_outbox_count (points)
+SELECT correction FROM (
+    SELECT (SELECT count(*) FROM metrics_outbox)
+        - (SELECT COALESCE(sum(points), 0) FROM metrics_outbox_count) AS correction
+) AS counts
+WHERE correction <> 0
+RETURNING points
+"""
+
+
+def outbox_recount() -> int:
+    """Count the outbox's rows and correct metrics_outbox_count by the difference, which
+    only writes that bypassed its triggers (session_replication_role = replica, a
+    data-only restore with triggers disabled) can cause. Returns the correction.
+
+    Takes no lock: the count and the sum come from one snapshot, and writers committing
+    meanwhile add their own rows to the sum."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(_RECOUNT_SQL)
+        row = cursor.fetchone()
+    correction = row[0] if row else 0
+    if correction:
+        logger.warning("metrics_outbox_count was off by %+d point(s); corrected", -correction)
+    return correction
+
+
+def dropped_points_acknowledge(*, ids: Sequence[int]) -> int:
+    """Mark rows of dropped points as seen by an operator: the outbox indicator counts
+    only unacknowledged drops. Returns how many rows were acknowledged now; rows already
+    acknowledged keep their time."""
+    with transaction.atomic():
+        return DroppedPoints.objects.filter(id__in=list(ids), acknowledged_at__isnull=True).update(
+            acknowledged_at=Now()
+        )

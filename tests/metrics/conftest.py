@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from metrics import charts
+from freeagentics.log_summary import SummaryLog
+from metrics import charts, services
 
 START_TIMEOUT = 60.0
 
@@ -295,3 +296,20 @@ def influx_unset(settings):
 def _fresh_chart_outage(monkeypatch):
     """Each test starts with InfluxDB considered up by the charts."""
     monkeypatch.setattr(charts, "outage", charts._Outage())
+
+
+@pytest.fixture(autouse=True)
+def summary_logs(monkeypatch):
+    """Each test starts with no episode going on in the metrics' SummaryLogs; a test that
+    wants the timer's summaries replaces them with shorter intervals."""
+    fresh = {}
+    for module in (services, charts):
+        for name in ("problems", "errors"):
+            old = getattr(module, name)
+            fresh[module.__name__, name] = new = SummaryLog(
+                old.logger, interval=old.interval, level=old.level
+            )
+            monkeypatch.setattr(module, name, new)
+    yield fresh
+    for summary in fresh.values():
+        summary.flush()
