@@ -15,6 +15,10 @@ from backups.partition_selectors import (
     MARK_ARCHIVED,
     MARK_DETACHED,
     MARK_MONTHLY,
+    MARK_RESTORED,
+    REASON_NOT_FINITE,
+    REASON_TOO_EARLY,
+    REASON_TOO_LATE,
     month_start,
 )
 from backups.partitions import PARTITION_LOCK_KEY, partitions_maintain
@@ -87,6 +91,27 @@ def layout() -> dict[str, tuple]:
             cursor.execute(f"SELECT count(*) FROM {table}")
             result[table] = (attached, comment, cursor.fetchone()[0])
     return result
+
+
+def drop_leftovers() -> None:
+    """Drop archived or restored tables (agent_history_YYYY_MM_<archive>), which the
+    history_layout reset does not know, and empty the quarantine."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT relname FROM pg_class WHERE relkind = 'r' "
+            "AND relname ~ '^agent_history_[0-9]{4}_[0-9]{2}_.+$'"
+        )
+        for (table,) in cursor.fetchall():
+            cursor.execute(f'DROP TABLE "{table}"')
+        cursor.execute("TRUNCATE agent_history_quarantine")
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(django_db_blocker):
+    """Drops what drop_leftovers() knows after each test (tables outlive the test's flush)."""
+    yield
+    with django_db_blocker.unblock():
+        drop_leftovers()
 
 
 def run(*args) -> tuple[str, str]:
@@ -287,3 +312,125 @@ def test_restore_partition_brings_an_archive_back_and_maintenance_leaves_it(hist
     _out, err = run("--yes")
     assert f"leave {name(-13)}_" in err and "alone: past retention, but restored" in err
     assert next(v for t, v in layout().items() if month_of(t) == name(-13))[0] is True
+
+
+# ---------------------------------------------------------------------------------------
+# Rows no partition can hold
+
+
+def quarantine_rows() -> list[tuple]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT id::text, recorded_at::text, belief_state, energy_level, reason, "
+            "quarantined_at IS NOT NULL FROM agent_history_quarantine ORDER BY 1"
+        )
+        return cursor.fetchall()
+
+
+ODD_VALUES = [
+    pytest.param("infinity", "infinity", REASON_NOT_FINITE, id="infinity"),
+    pytest.param("12000-03-04 05:06:07+00", "12000-03-04 05:06:07+00", REASON_TOO_LATE, id="12000"),
+    pytest.param("0001-01-01 00:00:00+00", "0001-01-01 00:00:00+00", REASON_TOO_EARLY, id="year-1"),
+]
+
+
+@pytest.mark.reliability("maintenance under load")
+@pytest.mark.parametrize(("value", "shown", "reason"), ODD_VALUES)
+def test_a_row_no_partition_can_hold_is_quarantined_and_the_rest_goes_on(
+    history, value, shown, reason
+):
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO agent_history (agent_id, recorded_at, belief_state, energy_level) "
+            "VALUES (gen_random_uuid(), %s, '\\x0102ff'::bytea, 7) RETURNING id::text",
+            [value],
+        )
+        odd_id = cursor.fetchone()[0]
+    before = layout()
+    total = AgentHistory.objects.count()
+
+    out, err = run("--dry-run")
+
+    assert layout() == before
+    assert quarantine_rows() == []
+    would = "would quarantine 1 rows of the default partition into agent_history_quarantine"
+    assert f"{would}: 1 {reason}" in out and f"{would}: 1 {reason}" in err
+    assert f"would create {name(-2)}, moving 2 rows out of the default partition" in out
+
+    out, err = run("--yes")
+
+    # The odd row is set aside, whole, with why and when...
+    assert quarantine_rows() == [(odd_id, shown, b"\x01\x02\xff", 7, reason, True)]
+    assert (
+        f"quarantine 1 rows of the default partition into agent_history_quarantine: 1 {reason}"
+        in err
+    )
+    assert "1 rows quarantined" in out
+    # ...and everything else was done as without it.
+    tables = layout()
+    assert tables["agent_history_default"][2] == 0
+    assert tables[name(-2)] == (True, MARK_MONTHLY, 2)
+    assert tables[name(6)] == (True, MARK_MONTHLY, 1)
+    assert name(-13) not in tables
+    assert AgentHistory.objects.count() == total - 6 - 1
+    assert run("--yes")[0].startswith("Partitions are up to date")
+
+
+# ---------------------------------------------------------------------------------------
+# A month archived twice
+
+
+def dbshell(sql: str) -> None:
+    """Run SQL the way the printed advice says: in `manage.py dbshell` (psql)."""
+    call_command("dbshell", "--", "-v", "ON_ERROR_STOP=1", "-c", sql)
+
+
+def advice_sql(message: str) -> str:
+    return "\n".join(line for line in message.splitlines() if line.endswith(";"))
+
+
+def test_a_month_archived_twice_restores_both_archives(history_layout, backup_dir, backup_key):
+    add_rows(-13, 3, belief=True)
+    run("--yes")
+    first = archive_of(-13)
+    add_rows(-13, 2, belief=True)  # late rows: back in the default partition
+    out, _err = run("--yes")
+    second = next(s.name for s in backup_list(archives=True) if s.name != first)
+    assert "1 created, 1 detached, 1 archived, 1 dropped" in out
+    assert month_of(backup_list(archives=True)[0].manifest.partition["table"]) == name(-13)
+    assert AgentHistory.objects.count() == 0
+    # Encrypted archives say so in their name.
+    assert backup_list(archives=True)[0].manifest.file("partition").name == "partition.dump.age"
+
+    call_command("restore_partition", first, "--attach", stdout=StringIO())
+    # The month is attached now: the second archive cannot be attached as well; the error
+    # says how to bring its rows in, and the advice works as printed.
+    with pytest.raises(CommandError) as excinfo:
+        call_command("restore_partition", second, "--attach", stdout=StringIO())
+    message = str(excinfo.value)
+    assert "already has a partition for" in message
+    call_command("restore_partition", second, stdout=StringIO())
+    dbshell(advice_sql(message))
+
+    assert AgentHistory.objects.filter(recorded_at__lt=at(-12, 1)).count() == 5
+    assert sorted(float(h.belief_state[0]) for h in AgentHistory.objects.all()) == [-13.0] * 5
+    restored = [t for t in layout() if month_of(t) == name(-13)]
+    assert len(restored) == 1 and layout()[restored[0]][:2] == (
+        True,
+        f"{MARK_RESTORED} from {first}",
+    )
+
+
+def test_restoring_over_an_existing_table_prints_advice_that_works(history):
+    run("--yes")
+    archive = archive_of(-13)
+    call_command("restore_partition", archive, stdout=StringIO())
+
+    with pytest.raises(CommandError) as excinfo:
+        call_command("restore_partition", archive, stdout=StringIO())
+    dbshell(advice_sql(str(excinfo.value)))
+    call_command("restore_partition", archive, stdout=StringIO())
+
+    copies = {t: v for t, v in layout().items() if month_of(t) == name(-13)}
+    assert len(copies) == 2
+    assert [rows for _attached, _comment, rows in copies.values()] == [3, 3]

@@ -1,0 +1,124 @@
+import datetime
+import random
+import threading
+import uuid
+
+import pytest
+from django.db import connection
+
+from backups import pgtools
+from backups.partitions import partitions_maintain
+from tests.backups.test_partitions import at, drop_leftovers, layout, name
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+RUNS = 5
+MONTHS_PER_RUN = 8
+WRITERS = 3
+
+
+@pytest.fixture
+def no_leftovers(django_db_blocker):
+    """Drops archived or restored tables and empties the quarantine after the test."""
+    yield
+    with django_db_blocker.unblock():
+        drop_leftovers()
+
+
+class Writers:
+    """Threads inserting into agent_history through the parent, each on its own connection,
+    in single-row autocommits and in three-row transactions, until stopped. Rows go to the
+    months maintenance is splitting out of the default partition right now (`target`),
+    the current month, and months not partitioned yet."""
+
+    def __init__(self, count: int):
+        self.target: list[int] = []
+        self.stop = threading.Event()
+        self.inserted = 0
+        self.errors: list[str] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.write, args=(i,)) for i in range(count)]
+
+    def months(self, rng: random.Random) -> list[datetime.datetime]:
+        choices = []
+        for _ in range(rng.choice((1, 3))):
+            pick = rng.random()
+            if pick < 0.7 and self.target:
+                k = rng.choice(self.target)
+            elif pick < 0.85:
+                k = 0
+            else:
+                k = -rng.randint(1, RUNS * MONTHS_PER_RUN)
+            choices.append(at(k, rng.randint(1, 28)))
+        return choices
+
+    def write(self, seed: int) -> None:
+        rng = random.Random(seed)
+        with pgtools.connect("default") as conn:
+            while not self.stop.is_set():
+                rows = self.months(rng)
+                try:
+                    with conn.transaction():
+                        for recorded_at in rows:
+                            conn.execute(
+                                "INSERT INTO agent_history (agent_id, recorded_at, energy_level) "
+                                "VALUES (%s, %s, %s)",
+                                [uuid.uuid4(), recorded_at, seed],
+                            )
+                except Exception as e:  # every failure counts, whatever its kind
+                    with self.lock:
+                        self.errors.append(f"{type(e).__name__}: {e}")
+                else:
+                    with self.lock:
+                        self.inserted += len(rows)
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(60)
+
+
+def count(table: str = "agent_history") -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT count(*) FROM {table}")
+        return cursor.fetchone()[0]
+
+
+def seed(months: list[int]) -> None:
+    with connection.cursor() as cursor:
+        for k in months:
+            cursor.execute(
+                "INSERT INTO agent_history (agent_id, recorded_at) VALUES (%s, %s)",
+                [uuid.uuid4(), at(k)],
+            )
+
+
+@pytest.mark.reliability("maintenance under load")
+def test_inserts_never_fail_while_maintenance_moves_rows_out_of_default(
+    history_layout, backup_dir, no_leftovers
+):
+    seeded = 0
+    with Writers(WRITERS) as writers:
+        for r in range(RUNS):
+            # Each run splits fresh months out of the default partition while the writers
+            # keep adding rows to exactly those months.
+            months = [-(1 + r * MONTHS_PER_RUN + i) for i in range(MONTHS_PER_RUN)]
+            seed(months)
+            seeded += len(months)
+            writers.target = months
+            partitions_maintain(retention_months=0, archive=False, drop=False)
+            tables = layout()
+            assert all(tables[name(k)][0] for k in months)  # attached (by this run or one before)
+    assert writers.errors == []
+    assert writers.inserted > 0
+    # No row lost: what was seeded and inserted is there, and the default partition holds
+    # only rows that arrived after the last run planned (for months no run had seen).
+    assert count() == seeded + writers.inserted
+    partitions_maintain(retention_months=0, archive=False, drop=False)
+    assert count() == seeded + writers.inserted
+    assert layout()["agent_history_default"][2] == 0
