@@ -57,7 +57,8 @@ class SummaryLog:
             if self._timer is None:
                 self._start_timer()
         suffix = f" ({count} at once)" if count > 1 else ""
-        self.logger.log(self.level, message + suffix, *args, exc_info=exc_info)
+        # stacklevel: the record names the caller, not this module.
+        self.logger.log(self.level, message + suffix, *args, exc_info=exc_info, stacklevel=2)
 
     def flush(self, kind: str | None = None) -> None:
         """Log what is counted now (for `kind`, or for every kind) and end those episodes,

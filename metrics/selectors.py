@@ -158,17 +158,18 @@ class OutboxStatus:
 _STATUS_SQL = """
 SELECT
     {pending},
-    (SELECT COALESCE(sum(points), 0) FROM metrics_outbox_count),
+    (SELECT COALESCE(sum(points), 0)::bigint FROM metrics_outbox_count),
     (SELECT created_at FROM metrics_outbox ORDER BY id LIMIT 1),
-    (SELECT COALESCE(sum(points), 0) FROM metrics_outbox_dropped WHERE acknowledged_at IS NULL),
+    (SELECT COALESCE(sum(points), 0)::bigint FROM metrics_outbox_dropped
+     WHERE acknowledged_at IS NULL),
     (SELECT max(last_dropped_at) FROM metrics_outbox_dropped WHERE acknowledged_at IS NULL),
-    (SELECT COALESCE(sum(points), 0) FROM metrics_outbox_dropped
+    (SELECT COALESCE(sum(points), 0)::bigint FROM metrics_outbox_dropped
      WHERE acknowledged_at IS NOT NULL),
     (SELECT count(*) FROM metrics_outbox_rejected)
 """
 # The triggers' running count, the figure the cap uses: as exact as count(*), without
 # reading millions of rows.
-_PENDING_COUNTER = "(SELECT COALESCE(sum(points), 0) FROM metrics_outbox_count)"
+_PENDING_COUNTER = "(SELECT COALESCE(sum(points), 0)::bigint FROM metrics_outbox_count)"
 _PENDING_EXACT = "(SELECT count(*) FROM metrics_outbox)"
 
 

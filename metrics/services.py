@@ -534,7 +534,7 @@ _RECOUNT_SQL = """
 INSERT INTO metrics_outbox_count (points)
 SELECT correction FROM (
     SELECT (SELECT count(*) FROM metrics_outbox)
-        - (SELECT COALESCE(sum(points), 0) FROM metrics_outbox_count) AS correction
+        - (SELECT COALESCE(sum(points), 0)::bigint FROM metrics_outbox_count) AS correction
 ) AS counts
 WHERE correction <> 0
 RETURNING points

@@ -1,8 +1,10 @@
 """InfluxDB down, refusing or coming back: retries, backoff and the drain after an outage."""
 
 import http.server
+import logging
 import math
 import random
+import re
 import threading
 import time
 import uuid
@@ -14,7 +16,8 @@ from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
 from django.db import connection
 
-from metrics import points
+from freeagentics.log_summary import SummaryLog
+from metrics import points, services
 from metrics.models import OutboxPoint, RejectedPoint
 from metrics.services import RETRIES_RANGE, backoff_ceiling, outbox_add, outbox_flush
 
@@ -226,3 +229,48 @@ def test_an_unparsable_line_hidden_behind_a_type_conflict_is_still_isolated(infl
     assert "unable to parse" in rejected[lines[40]]
     assert "field type conflict" in rejected[lines[10]]
     assert OutboxPoint.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_outage_logs_its_first_failure_then_counted_summaries(
+    failing_influxdb, monkeypatch, caplog
+):
+    # Summaries every half second instead of every LOG_SUMMARY_SECONDS.
+    monkeypatch.setattr(services, "problems", SummaryLog(services.logger, interval=0.5))
+    outbox_add(_lines(3))
+    stop, result = threading.Event(), {}
+
+    def follow():
+        try:
+            result["report"] = outbox_flush(follow=True, poll_interval=0.05, stop=stop)
+        finally:
+            connection.close()
+
+    def summaries():
+        return [m for m in messages() if m.startswith(services.FLUSH_FAILED + ":")]
+
+    def messages():
+        return [r.getMessage() for r in caplog.records if r.name == "metrics.services"]
+
+    flusher = threading.Thread(target=follow)
+    with caplog.at_level(logging.WARNING, logger="metrics.services"):
+        flusher.start()
+        try:
+            deadline = time.monotonic() + 60
+            # Dozens of failed attempts (backoff of at most 0.1 s), two summaries at least.
+            while failing_influxdb.requests < 30 or len(summaries()) < 2:
+                assert time.monotonic() < deadline, "the outage was not summarised"
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            flusher.join(timeout=60)
+    report = result["report"]
+    first = [m for m in messages() if m.startswith("Metrics flush attempt")]
+    assert len(first) == 1 and first[0].startswith("Metrics flush attempt 1 failed: ")
+    assert "HTTP 503" in first[0]
+    counted = [int(re.match(r".*?: (\d+) more in the last", m)[1]) for m in summaries()]
+    # Not one line per attempt, and not silence: every attempt is in a line. (Stopping
+    # the flusher logged what the timer had not summarised yet.)
+    assert len(first) + len(counted) < report.failures
+    assert 1 + sum(counted) == report.failures == failing_influxdb.requests
+    assert OutboxPoint.objects.count() == 3
