@@ -376,6 +376,26 @@ def test_a_row_no_partition_can_hold_is_quarantined_and_the_rest_goes_on(
     assert run("--yes")[0].startswith("Partitions are up to date")
 
 
+@pytest.mark.reliability("maintenance under load")
+def test_without_the_quarantine_table_odd_rows_stay_and_the_rest_goes_on(history):
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO agent_history (agent_id, recorded_at) "
+            "VALUES (gen_random_uuid(), 'infinity')"
+        )
+        cursor.execute("ALTER TABLE agent_history_quarantine RENAME TO hp_quarantine_aside")
+    try:
+        _out, err = run("--yes")
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("ALTER TABLE hp_quarantine_aside RENAME TO agent_history_quarantine")
+
+    assert "agent_history_quarantine is missing: run manage.py migrate" in err
+    tables = layout()
+    assert tables["agent_history_default"][2] == 1
+    assert tables[name(-2)] == (True, MARK_MONTHLY, 2)
+
+
 # ---------------------------------------------------------------------------------------
 # A month archived twice
 

@@ -4,9 +4,13 @@ import threading
 import uuid
 
 import pytest
+from django import db
+from django.core.exceptions import ValidationError
 from django.db import connection
 
-from backups import pgtools
+from backups import partitions, pgtools
+from backups.exceptions import PARTITION_TABLE_BUSY
+from backups.partition_selectors import MARK_MONTHLY
 from backups.partitions import partitions_maintain
 from tests.backups.test_partitions import at, drop_leftovers, layout, name
 
@@ -122,3 +126,57 @@ def test_inserts_never_fail_while_maintenance_moves_rows_out_of_default(
     partitions_maintain(retention_months=0, archive=False, drop=False)
     assert count() == seeded + writers.inserted
     assert layout()["agent_history_default"][2] == 0
+
+
+@pytest.mark.reliability("maintenance under load")
+def test_a_long_transaction_makes_maintenance_give_up_not_block_writers(
+    history_layout, backup_dir, no_leftovers, monkeypatch
+):
+    monkeypatch.setattr(partitions, "LOCK_TIMEOUT_MS", 300)
+    monkeypatch.setattr(partitions, "LOCK_TRIES", 2)
+    seed([-2])
+    outcome = {}
+
+    def maintain():
+        try:
+            partitions_maintain(retention_months=0, archive=False, drop=False)
+        except ValidationError as e:
+            outcome["error"] = e.messages[0]
+        finally:
+            db.connections.close_all()
+
+    with pgtools.connect("default") as long_txn, pgtools.connect("default") as writer:
+        writer.execute("SET statement_timeout = '60s'")  # a hang fails the test instead
+        long_txn.execute("BEGIN")
+        long_txn.execute(
+            "INSERT INTO agent_history (agent_id, recorded_at) VALUES (%s, %s)",
+            [uuid.uuid4(), at(0)],
+        )
+        thread = threading.Thread(target=maintain)
+        thread.start()
+        with pgtools.connect("default") as probe:
+            pids = []
+            while thread.is_alive() and not pids:
+                pids = [
+                    row[0]
+                    for row in probe.execute(
+                        "SELECT pid FROM pg_locks WHERE relation = 'agent_history'::regclass "
+                        "AND mode = 'ShareRowExclusiveLock' AND NOT granted"
+                    ).fetchall()
+                ]
+        assert pids, "maintenance never waited for the parent's lock"
+        # Queued behind maintenance's lock request, this insert waits out at most its lock
+        # timeouts, not the long transaction, which is still open.
+        writer.execute(
+            "INSERT INTO agent_history (agent_id, recorded_at) VALUES (%s, %s)",
+            [uuid.uuid4(), at(-2)],
+        )
+        thread.join(60)
+        assert long_txn.info.transaction_status.name == "INTRANS"
+        long_txn.execute("COMMIT")
+
+    assert outcome["error"] == PARTITION_TABLE_BUSY.format(table="agent_history", tries=2)
+    assert name(-2) not in layout()
+    partitions_maintain(retention_months=0, archive=False, drop=False)
+    assert layout()[name(-2)] == (True, MARK_MONTHLY, 2)
+    assert count() == 3
