@@ -6,6 +6,7 @@ COMMANDS = [
     "listbackups",
     "restore",
     "verify_backup",
+    "cleanup_backups",
     "maintain_partitions",
     "restore_partition",
 ]

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 from io import StringIO
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -143,3 +144,11 @@ def test_encrypted_backup_recovers_with_age_pg_restore_and_redis_server_alone(
         recovered.close()
         server_proc.terminate()
         server_proc.wait(10)
+
+
+def test_the_operations_guide_shows_the_commands_this_test_runs():
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "README-operations.md").read_text()
+    for line in RECOVER_SCRIPT.strip().splitlines()[1:]:
+        program_and_flags = line.split('"$', 1)[0].split(" > ", 1)[0].strip()
+        assert program_and_flags in guide, program_and_flags
+    assert REDIS_SERVER.split("{work}")[1] in guide
