@@ -497,7 +497,7 @@ def _flush_worker(
             # `retries` is the number of attempts: METRICS_FLUSH_RETRIES=5 sends 5 requests.
             # Every failed attempt is counted: the first is logged at once, the rest in
             # a summary line per LOG_SUMMARY_SECONDS while the outage lasts.
-            problems.event(FLUSH_FAILED, "Metrics flush attempt %d failed: %s", consecutive, e)
+            problems.event(FLUSH_FAILED, "Metrics flush failed (attempt %d): %s", consecutive, e)
             if not follow and consecutive >= retries:
                 problems.flush(FLUSH_FAILED)
                 raise

@@ -265,8 +265,8 @@ def test_an_outage_logs_its_first_failure_then_counted_summaries(
             stop.set()
             flusher.join(timeout=60)
     report = result["report"]
-    first = [m for m in messages() if m.startswith("Metrics flush attempt")]
-    assert len(first) == 1 and first[0].startswith("Metrics flush attempt 1 failed: ")
+    first = [m for m in messages() if m.startswith("Metrics flush failed (attempt")]
+    assert len(first) == 1 and first[0].startswith("Metrics flush failed (attempt 1): ")
     assert "HTTP 503" in first[0]
     counted = [int(re.match(r".*?: (\d+) more in the last", m)[1]) for m in summaries()]
     # Not one line per attempt, and not silence: every attempt is in a line. (Stopping
