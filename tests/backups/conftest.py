@@ -214,13 +214,9 @@ def pg_target(dbname: str | None = None) -> str:
 
 def manage_env(tmp_path, **extra) -> dict[str, str]:
     """The environment of a child `manage.py` on the test database, Redis, storage and keys."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in {"PGHOST", "PGPORT", "PGPASSWORD", "PGDATABASE"}
-    }
+    # PG* variables of this process stay: where HOST is empty, libpq found the server by them.
     return {
-        **env,
+        **os.environ,
         "DJANGO_SETTINGS_MODULE": "tests.settings",
         **database_url_env(),
         "REDIS_URL": django_settings.BACKUP_REDIS_URL,

@@ -48,7 +48,7 @@ def free_port() -> int:
 def libpq_env(client_dir: str) -> dict[str, str]:
     """The shell environment of an operator pointing plain PostgreSQL tools at the server."""
     config = connection.settings_dict
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env = dict(os.environ)  # PG* already set here stay: libpq falls back on them
     for variable, value in (
         ("PGHOST", config.get("HOST")),
         ("PGPORT", config.get("PORT")),
