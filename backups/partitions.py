@@ -89,9 +89,11 @@ def _maintenance_lock():
 
 # A maintenance step waits at most this long for a lock, then starts again: writers that
 # queue behind its lock request are held up no longer than that, even when a long
-# transaction keeps the step from its lock.
-LOCK_TIMEOUT_MS = 2000
-LOCK_TRIES = 15
+# transaction keeps the step from its lock. Below PostgreSQL's deadlock_timeout (1 s), so
+# in a lock cycle with an application transaction it is maintenance that gives way.
+LOCK_TIMEOUT_MS = 500
+LOCK_TRIES = 40
+_RETRIED_SQLSTATES = {"55P03", "40P01"}  # lock_not_available, deadlock_detected
 
 
 def _retrying_lock_timeouts(step, table: str):
@@ -99,7 +101,7 @@ def _retrying_lock_timeouts(step, table: str):
         try:
             return step()
         except OperationalError as e:
-            if getattr(e.__cause__, "sqlstate", None) != "55P03":  # lock_not_available
+            if getattr(e.__cause__, "sqlstate", None) not in _RETRIED_SQLSTATES:
                 raise
             time.sleep(min(0.05 * 2**attempt, 2.0))
     raise ValidationError(PARTITION_TABLE_BUSY.format(table=table, tries=LOCK_TRIES))
@@ -215,8 +217,12 @@ def _create_partition_once(
         default_state = _comment_of(spec, spec.default_name)
         has_default = default_state is not None and default_state[1]
         if has_default:
-            # Also holds writers that insert into the default partition directly.
-            cursor.execute(f"LOCK TABLE {default} IN SHARE ROW EXCLUSIVE MODE")
+            # ATTACH needs ACCESS EXCLUSIVE on the default partition; taken now, within the
+            # bounded wait, rather than upgraded to after the move, where it could deadlock
+            # with a transaction that read the default partition and then writes.
+            cursor.execute(f"LOCK TABLE {default} IN ACCESS EXCLUSIVE MODE")
+        if existing is not None:
+            cursor.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
         if existing is None:
             # Indexes and the primary key come from the parent at ATTACH, built after the load.
             cursor.execute(

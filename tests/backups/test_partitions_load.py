@@ -180,3 +180,46 @@ def test_a_long_transaction_makes_maintenance_give_up_not_block_writers(
     partitions_maintain(retention_months=0, archive=False, drop=False)
     assert layout()[name(-2)] == (True, MARK_MONTHLY, 2)
     assert count() == 3
+
+
+@pytest.mark.reliability("maintenance under load")
+def test_a_transaction_that_reads_then_writes_is_not_deadlocked_by_maintenance(
+    history_layout, backup_dir, no_leftovers
+):
+    seed([-2])
+    outcome = {}
+
+    def maintain():
+        try:
+            outcome["report"] = partitions_maintain(retention_months=0, archive=False, drop=False)
+        except Exception as e:
+            outcome["error"] = e
+        finally:
+            db.connections.close_all()
+
+    with pgtools.connect("default") as app:
+        app.execute("SET statement_timeout = '60s'")
+        app.execute("BEGIN")
+        # Reading the whole table locks every partition, the default one included.
+        assert app.execute("SELECT count(*) FROM agent_history").fetchone()[0] == 1
+        thread = threading.Thread(target=maintain)
+        thread.start()
+        with pgtools.connect("default") as probe:
+            waiting = False
+            while thread.is_alive() and not waiting:
+                waiting = probe.execute(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted "
+                    "AND relation = 'agent_history_default'::regclass"
+                ).fetchone()[0]
+        # Maintenance holds the parent and waits for the default partition; this insert
+        # waits for the parent. Maintenance gives way (lock timeout), the insert goes on.
+        app.execute(
+            "INSERT INTO agent_history (agent_id, recorded_at) VALUES (%s, %s)",
+            [uuid.uuid4(), at(-2)],
+        )
+        app.execute("COMMIT")
+        thread.join(120)
+
+    assert "error" not in outcome, outcome.get("error")
+    assert layout()[name(-2)] == (True, MARK_MONTHLY, 2)
+    assert count() == 2
