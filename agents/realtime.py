@@ -63,9 +63,7 @@ logger = logging.getLogger(__name__)
 
 # Failures and drops (WARNING), and refused connections (INFO: expected, but counted).
 problems = SummaryLog(logger, interval=settings.LOG_SUMMARY_SECONDS)
-refusals = SummaryLog(
-    logger, interval=settings.LOG_SUMMARY_SECONDS, level=logging.INFO
-)
+refusals = SummaryLog(logger, interval=settings.LOG_SUMMARY_SECONDS, level=logging.INFO)
 
 # Close codes (README "Real-time updates" documents each).
 CLOSE_BAD_REQUEST = 4400
@@ -468,9 +466,7 @@ class Hub:
         self.channel: str | None = None
         self.tenants: dict[str, Routes] = {}
         self.connections: set[Connection] = set()
-        self.layer_slots = asyncio.Semaphore(
-            max(1, settings.WS_GROUP_OPS_CONCURRENCY)
-        )
+        self.layer_slots = asyncio.Semaphore(max(1, settings.WS_GROUP_OPS_CONCURRENCY))
         self._lock = asyncio.Lock()
         self._receiver: asyncio.Task | None = None
         self._upkeep: asyncio.Task | None = None
@@ -553,13 +549,22 @@ class Hub:
                 self.route(message)
 
     async def _upkeep_loop(self) -> None:
-        last_refresh = time.monotonic()
+        # Each task on its own period: refreshing only on the token re-check's rounds let
+        # memberships lapse (group_expiry is 3 * WS_GROUP_REFRESH_SECONDS) whenever the
+        # refresh period was the shorter one.
+        last_check = last_refresh = time.monotonic()
         while True:
-            await asyncio.sleep(max(0.05, settings.WS_TOKEN_RECHECK_SECONDS))
+            recheck = max(0.05, settings.WS_TOKEN_RECHECK_SECONDS)
+            refresh = max(0.05, settings.WS_GROUP_REFRESH_SECONDS)
+            due = min(last_check + recheck, last_refresh + refresh)
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
             try:
-                await self._recheck_tokens()
-                if time.monotonic() - last_refresh >= settings.WS_GROUP_REFRESH_SECONDS:
-                    last_refresh = time.monotonic()
+                now = time.monotonic()
+                if now - last_check >= recheck:
+                    last_check = now
+                    await self._recheck_tokens()
+                if now - last_refresh >= refresh:
+                    last_refresh = now
                     await self._refresh_groups()
             except asyncio.CancelledError:
                 raise

@@ -14,7 +14,7 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote_plus, urlparse
 
 from channels.auth import AuthMiddlewareStack
 from channels.db import database_sync_to_async
@@ -223,17 +223,26 @@ class RealtimeOriginValidator(OriginValidator):
         )
 
 
-_QUERY_TOKEN = re.compile(r"([?&]token=)[^&\s\"']*")
+_QUERY_PARAM = re.compile(r"([?&])([^=&\s\"']*)=([^&\s\"']*)")
+
+
+def _redact_token(match: re.Match) -> str:
+    # The name as query_param reads it: "tok%65n" and "%74oken" are `token` too.
+    if unquote_plus(match.group(2)) != "token":
+        return match.group()
+    return f"{match.group(1)}{match.group(2)}=[redacted]"
 
 
 class RedactTokenFilter(logging.Filter):
     """Replaces the value of a `token` query parameter in log records with [redacted]:
-    uvicorn logs every websocket handshake's path with its query string."""
+    uvicorn logs every websocket handshake's path with its raw query string."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "token=" in message:
-            record.msg, record.args = _QUERY_TOKEN.sub(r"\1[redacted]", message), None
+        if "=" in message:
+            redacted = _QUERY_PARAM.sub(_redact_token, message)
+            if redacted != message:
+                record.msg, record.args = redacted, None
         return True
 
 

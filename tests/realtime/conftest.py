@@ -1,4 +1,5 @@
 import contextlib
+import itertools
 import socket
 import subprocess
 import sys
@@ -133,3 +134,18 @@ def info_server(django_db_setup, tmp_path):
     """A real uvicorn process of its own, logging at INFO (every handshake's path)."""
     with running_uvicorn(tmp_path / "server.log", log_level="info") as server:
         yield server
+
+
+@pytest.fixture
+def start_server(django_db_setup, tmp_path):
+    """start_server(log_level="warning", **env) -> Server: real uvicorn processes with
+    extra environment (e.g. lowered limits), each logging to a file of its own; all
+    stopped at teardown."""
+    numbers = itertools.count()
+    with contextlib.ExitStack() as stack:
+
+        def start(*, log_level: str = "warning", **env) -> Server:
+            log_path = tmp_path / f"server-{next(numbers)}.log"
+            return stack.enter_context(running_uvicorn(log_path, log_level=log_level, **env))
+
+        yield start
