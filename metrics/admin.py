@@ -8,7 +8,7 @@ from metrics.selectors import outbox_status
 from metrics.services import dropped_points_acknowledge
 
 
-class _EstimatedPaginator(Paginator):
+class _CountedPaginator(Paginator):
     """count(*) over millions of waiting rows would make the page as slow as the
     outage is long; the running count (metrics_outbox_count) is as exact and small."""
 
@@ -35,7 +35,7 @@ class _SuperuserOnly:
 @admin.register(OutboxPoint)
 class OutboxPointAdmin(_SuperuserOnly, admin.ModelAdmin):
     list_display = ["id", "measurement", "created_at", "line_preview"]
-    paginator = _EstimatedPaginator
+    paginator = _CountedPaginator
     show_full_result_count = False
     list_per_page = 50
 

@@ -1,6 +1,7 @@
 """SummaryLog: the first event of a kind at once, repeats as counted summaries, never silent."""
 
 import logging
+import re
 import time
 
 import pytest
@@ -96,11 +97,13 @@ def test_flush_logs_pending_counts_and_ends_the_episodes(summary, caplog):
         assert not log.active("B")
         log.flush()  # nothing pending: nothing logged
         log.event("A", "a again")
-    assert _messages(caplog) == [
+    # The window's length is whatever the machine took: not asserted.
+    messages = [re.sub(r"in the last \d+ s", "in the last N s", m) for m in _messages(caplog)]
+    assert messages == [
         "a happened",
         "b happened",
-        "A: 4 more in the last 0 s; the last: a happened",
-        "B: 1 more in the last 0 s; the last: b happened",
+        "A: 4 more in the last N s; the last: a happened",
+        "B: 1 more in the last N s; the last: b happened",
         "a again",
     ]
 
