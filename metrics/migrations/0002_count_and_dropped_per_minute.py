@@ -61,7 +61,9 @@ CREATE TRIGGER metrics_outbox_count_delete AFTER DELETE ON metrics_outbox
 CREATE TRIGGER metrics_outbox_count_truncate AFTER TRUNCATE ON metrics_outbox
     FOR EACH STATEMENT EXECUTE FUNCTION metrics_outbox_counted();
 
--- Rows already waiting.
+-- Rows already waiting. CREATE TRIGGER locked the outbox against writers until this
+-- migration commits, so none is missed or counted twice; with a large backlog, agent
+-- writes wait for this count(*) (run the migration with the outbox drained).
 INSERT INTO metrics_outbox_count (points)
 SELECT count(*) FROM metrics_outbox HAVING count(*) > 0;
 
