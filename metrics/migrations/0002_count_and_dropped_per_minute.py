@@ -3,7 +3,7 @@
 metrics_outbox_count: one row per INSERT or DELETE statement on metrics_outbox (+n or
 -n), written by statement-level triggers in the same transaction, so the sum is the
 number of rows a snapshot sees, rolled-back inserts included as nothing. Writers only
-insert here (no counter row to wait for); every 64th row the trigger merges the rows no
+insert here (no counter row to wait for); every 32nd row the trigger merges the rows no
 transaction in progress holds into one (SKIP LOCKED: it never waits either), which keeps
 the table at a few dozen rows. TRUNCATE of the outbox empties it.
 
@@ -13,8 +13,9 @@ with an acknowledged_at an operator sets from the admin. Existing rows are merge
 
 from django.db import migrations, models
 
-# How many count rows, at most, a merge leaves to the next one (the sum reads them all).
-MERGE_EVERY = 64
+# Every this many count rows (by id) a merge runs; the sum reads them all. A merge in a
+# transaction that rolls back is undone, and the next one comes 32 rows later.
+MERGE_EVERY = 32
 
 COUNT_FUNCTIONS = f"""
 CREATE FUNCTION metrics_outbox_count_merge() RETURNS void LANGUAGE sql AS $$
