@@ -541,6 +541,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 # Compressing every frame cost up to 7x the server CPU in the real-time
                 # benchmark (docs/BENCH-realtime.md).
                 *["--ws-per-message-deflate", "false"],
+                # Oversized frames get 1009 before uvicorn buffers them (its default is
+                # 16 MiB); the consumer enforces the same WS_MAX_FRAME_BYTES.
+                *["--ws-max-size", os.environ.get("WS_MAX_FRAME_BYTES") or str(512 * 1024)],
             ],
             cwd=ROOT,
             stdin=subprocess.DEVNULL,

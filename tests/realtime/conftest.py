@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from channels.layers import channel_layers
+from django.conf import settings
 
 from agents.api_tokens import api_token_create
 from tests.realtime.helpers import ROOT, server_env
@@ -87,6 +88,8 @@ def running_uvicorn(log_path: Path, *, log_level: str = "warning", **env):
                 "off",
                 "--ws-per-message-deflate",
                 "false",
+                "--ws-max-size",
+                env.get("WS_MAX_FRAME_BYTES", str(settings.WS_MAX_FRAME_BYTES)),
             ],
             cwd=ROOT,
             env=server_env(env),

@@ -23,6 +23,7 @@ import psutil
 import pytest
 import redis
 from django.conf import settings
+from django.db import connection
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -39,6 +40,7 @@ from agents.types import AgentStateUpdate
 from coalitions.realtime import coalition_group
 from coalitions.services import coalition_set_status
 from tests import factories
+from tests.realtime import helpers
 from tests.realtime.helpers import ROOT, TIMEOUT, bearer, communicator, db, next_json, server_env
 
 pytestmark = [pytest.mark.anyio, pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -317,7 +319,7 @@ async def test_five_hundred_sockets_closing_together_leave_their_groups(
 @pytest.fixture
 def stalled_redis(tmp_path):
     """A redis-server of its own, stopped with SIGSTOP: it accepts connections (the
-    kernel does) and never answers. Yields its URL."""
+    kernel does) and never answers. Yields (its URL, a function that resumes it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -349,7 +351,7 @@ def stalled_redis(tmp_path):
                 time.sleep(0.05)
         client.close()
         proc.send_signal(signal.SIGSTOP)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield f"redis://127.0.0.1:{port}/0", lambda: proc.send_signal(signal.SIGCONT)
     finally:
         proc.send_signal(signal.SIGCONT)
         proc.terminate()
@@ -360,7 +362,8 @@ def stalled_redis(tmp_path):
 def test_a_stalled_redis_fills_the_publisher_backlog_and_new_updates_are_dropped(
     tenant, settings, monkeypatch, caplog, stalled_redis
 ):
-    hosts = [{"address": stalled_redis, "socket_timeout": 120}]
+    url, resume = stalled_redis
+    hosts = [{"address": url, "socket_timeout": 120}]
     settings.CHANNEL_LAYERS = {
         "default": {**settings.CHANNEL_LAYERS["default"], "CONFIG": {"hosts": hosts}},
         "realtime": {
@@ -376,8 +379,12 @@ def test_a_stalled_redis_fills_the_publisher_backlog_and_new_updates_are_dropped
     writes = 10
 
     def write() -> None:
-        for level in range(writes):
-            agent_update_state(tenant=tenant, update=AgentStateUpdate(agent.id, energy_level=level))
+        try:
+            for level in range(writes):
+                update = AgentStateUpdate(agent.id, energy_level=level)
+                agent_update_state(tenant=tenant, update=update)
+        finally:
+            connection.close()
 
     with caplog.at_level(logging.INFO, logger="agents.realtime"):
         writer = threading.Thread(target=write, daemon=True)
@@ -386,6 +393,9 @@ def test_a_stalled_redis_fills_the_publisher_backlog_and_new_updates_are_dropped
         writer.join(SHUTDOWN_TIMEOUT)
         assert not writer.is_alive()
         realtime.problems.flush()
+        # Redis answers again: the jobs held are sent, none is left behind.
+        resume()
+        assert stalled.flush(SHUTDOWN_TIMEOUT)
     messages = [record.getMessage() for record in caplog.records]
     dropped = writes - settings.REALTIME_PUBLISH_BACKLOG
     assert "Real-time publisher backlog full (3 jobs); dropping updates" in messages
@@ -499,3 +509,22 @@ async def test_subscribing_past_the_cap_is_refused_and_the_connection_stays(
     assert (pong["type"], pong["id"]) == ("pong", 4)
     # The refused subscription took nothing: the fourth agent's update never came.
     assert (update["agent_id"], update["data"]["energy_level"]) == (ids[0], 8)
+
+
+# The consumer's own limits, for servers without --ws-max-size (daphne, a bare uvicorn) --
+
+
+@pytest.mark.reliability("websocket bad input")
+async def test_the_consumer_closes_an_oversized_frame_with_1009_counting_utf8_bytes(
+    tenant, token, settings
+):
+    settings.WS_MAX_FRAME_BYTES = 100
+    fits = json.dumps({"action": "ping", "pad": "x" * 60})
+    # 40 characters, 120 bytes: the limit is in bytes, as uvicorn's.
+    too_big = json.dumps({"action": "ping", "pad": "€" * 40}, ensure_ascii=False)
+    assert len(fits.encode()) <= 100 < len(too_big.encode())
+    async with communicator("/ws/agents/", headers=bearer(token[1])) as comm:
+        await comm.send_to(text_data=fits)
+        assert (await next_json(comm))["type"] == "pong"
+        await comm.send_to(text_data=too_big)
+        assert await helpers.close_code(comm) == CLOSE_TOO_BIG
