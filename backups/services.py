@@ -92,9 +92,9 @@ def _check_retention(keep, max_age) -> None:
 
 def _pg_target(alias: str, dbname: str | None = None) -> str:
     config = pgtools.settings_dict(alias)
-    host = config.get("HOST") or "local socket"
-    port = f":{config['PORT']}" if config.get("PORT") else ""
-    return f'database "{dbname or config["NAME"]}" on {host}{port}'
+    host, port = pgtools.server_address(config)
+    where = (host or "local socket") + (f":{port}" if port else "")
+    return f'database "{dbname or config["NAME"]}" on {where}'
 
 
 def _check_backup_dir() -> None:

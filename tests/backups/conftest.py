@@ -207,9 +207,10 @@ def database_url_env(config: dict | None = None) -> dict[str, str]:
 def pg_target(dbname: str | None = None) -> str:
     """How the backup commands name a database of the test server in their messages."""
     config = connection.settings_dict
-    host = config.get("HOST") or "local socket"
-    port = f":{config['PORT']}" if config.get("PORT") else ""
-    return f'database "{dbname or config["NAME"]}" on {host}{port}'
+    options = config.get("OPTIONS", {})
+    host = config.get("HOST") or options.get("host") or "local socket"
+    port = config.get("PORT") or options.get("port")
+    return f'database "{dbname or config["NAME"]}" on {host}' + (f":{port}" if port else "")
 
 
 def manage_env(tmp_path, **extra) -> dict[str, str]:

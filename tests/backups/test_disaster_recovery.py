@@ -49,9 +49,10 @@ def libpq_env(client_dir: str) -> dict[str, str]:
     """The shell environment of an operator pointing plain PostgreSQL tools at the server."""
     config = connection.settings_dict
     env = dict(os.environ)  # PG* already set here stay: libpq falls back on them
+    options = config.get("OPTIONS", {})  # ?host=/socket/dir&port=… in DATABASE_URL
     for variable, value in (
-        ("PGHOST", config.get("HOST")),
-        ("PGPORT", config.get("PORT")),
+        ("PGHOST", config.get("HOST") or options.get("host")),
+        ("PGPORT", config.get("PORT") or options.get("port")),
         ("PGUSER", config.get("USER")),
         ("PGPASSWORD", config.get("PASSWORD")),
     ):
