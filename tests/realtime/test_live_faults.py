@@ -181,7 +181,7 @@ async def test_a_thousand_hostile_connections_leave_no_residue(start_server, ten
         await watcher.send('{"action":"ping"}')
         await recv_json(watcher)
         # The measure means something: a watching connection subscribes the hub.
-        assert subscriptions(r, server.process.pid) > 0
+        assert await eventually(lambda: subscriptions(r, server.process.pid) > 0)
         await hostile_connections(server.url, token[1], 200)  # warm-up
         baseline = rss(server)
         await hostile_connections(server.url, token[1], 1000)
