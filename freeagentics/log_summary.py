@@ -123,7 +123,9 @@ class SummaryLog:
 
 
 @atexit.register
-def _flush_all() -> None:
-    # Registered after logging's own exit handler, so it runs before logging shuts down.
+def flush_all() -> None:
+    """Log every pending count now. Also runs at exit (registered after logging's own
+    exit handler, so before logging shuts down); a host that closes its log streams
+    earlier (pytest's capture) calls it before closing them."""
     for summary in list(_instances):
         summary.flush()

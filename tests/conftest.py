@@ -15,6 +15,10 @@ def pytest_configure(config):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    from freeagentics.log_summary import flush_all
+
+    # Now, while the streams Django's log handlers write to (pytest's capture) are open.
+    flush_all()
     report = session.config.pluginmanager.get_plugin("reliability-report")
     if os.environ.get(RELIABILITY_REPORT_ENV) == "1" and report is not None:
         report.write()
