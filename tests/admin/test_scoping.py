@@ -14,7 +14,7 @@ from agents.models import Agent, ApiToken, Tenant
 from coalitions.models import Coalition, CoalitionMember
 from tests.admin.conftest import logged_in
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.reliability("tenant walls")]
 
 # (admin URL prefix, how to get the object and its label from a TenantWorld)
 MODELS = {

@@ -78,6 +78,7 @@ async def test_rolled_back_update_never_arrives(tenant, token):
     assert message["data"]["energy_level"] == 77
 
 
+@pytest.mark.reliability("tenant walls")
 async def test_tenant_stream_carries_every_agent_of_the_tenant_and_none_of_another(
     tenant, other_tenant, token, other_token
 ):
@@ -267,6 +268,7 @@ async def close_frame(comm) -> tuple[int, str]:
         ("coalitions", factories.make_coalition, COALITION_NOT_FOUND.format(coalition_id="<id>")),
     ],
 )
+@pytest.mark.reliability("tenant walls")
 async def test_another_tenants_id_closes_exactly_as_an_unknown_id(
     tenant, other_tenant, token, kind, make, not_found
 ):
@@ -386,6 +388,7 @@ async def make_operator(tenant, *, can_view: bool = True) -> User:
     return user
 
 
+@pytest.mark.reliability("tenant walls")
 async def test_operator_session_sees_only_its_tenant(tenant, other_tenant):
     agent = await db(factories.make_agent, tenant)
     headers = await db(session_headers, await make_operator(tenant))
