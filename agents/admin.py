@@ -19,13 +19,21 @@ from django.utils.html import format_html, format_html_join
 
 from agents.admin_scoping import (
     TenantScopedAdminMixin,
+    TenantScopedInlineMixin,
     csv_response,
     is_unscoped,
     service_errors_as_form_errors,
 )
 from agents.api_tokens import api_token_create, api_token_revoke
 from agents.beliefs import belief_summary
-from agents.models import Agent, AgentStatus, ApiToken, OperatorMembership, Tenant
+from agents.models import (
+    Agent,
+    AgentStatus,
+    ApiToken,
+    OperatorMembership,
+    Tenant,
+    TenantDataKey,
+)
 from agents.selectors import agent_history, agents_near, tenant_overview
 from agents.services import (
     AgentSpec,
@@ -49,9 +57,48 @@ def _timestamp(value) -> str:
     return "" if value is None else timezone.localtime(value).isoformat(timespec="seconds")
 
 
+class TenantDataKeyInline(TenantScopedInlineMixin, admin.TabularInline):
+    """The tenant's data keys as rotation leaves them (never the key material).
+    Rotation is a command (README "Rotate a tenant's data key"), not a button."""
+
+    model = TenantDataKey
+    extra = 0
+    can_delete = False
+    fields = readonly_fields = [
+        "key_id",
+        "state",
+        "created_at",
+        "retired_at",
+        "destroyed_at",
+        "rows_remaining",
+        "counted_at",
+    ]
+    verbose_name_plural = "data keys (rows remaining: as the last re-encryption pass counted)"
+
+    @admin.display(description="Key id")
+    def key_id(self, obj):
+        # The id tokens carry in their header (FAE1 | id | token).
+        return obj.id
+
+    def has_view_permission(self, request, obj=None):
+        # Whoever may see the tenant may see its keys' metadata (no group grants the
+        # key model itself).
+        return self.has_tenant_scope(request) and request.user.has_perm("agents.view_tenant")
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
 @admin.register(Tenant)
 class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     tenant_path = "pk"
+    inlines = [TenantDataKeyInline]
     list_display = ["name", "slug", "created_at", "overview_link"]
     search_fields = ["name", "slug"]
     prepopulated_fields = {"slug": ["name"]}

@@ -193,6 +193,14 @@ def agent_tombstone(agent_id, version: int) -> None:
     agents_store([(agent_id, version, b"%d\n" % version)])
 
 
+def agents_forget(agent_ids: Iterable) -> None:
+    """Drop cached entries, e.g. after their belief tokens moved to a new key; the next
+    read fills them from PostgreSQL."""
+    keys = [beliefs_key(agent_id) for agent_id in agent_ids]
+    if keys:
+        guard.call(lambda redis: redis.delete(*keys), None)
+
+
 def agent_load(agent_id) -> bytes | None:
     return guard.call(lambda redis: redis.get(beliefs_key(agent_id)), None)
 

@@ -1,9 +1,20 @@
-"""Belief arrays: a compact binary encoding, encrypted with MultiFernet.
+"""Belief arrays: a compact binary encoding, encrypted with a data key of their tenant.
 
 The encoding keeps dtype and shape exactly and never uses pickle:
 
     magic b"FAB1" | dtype length (u8) | dtype.str (ascii) | ndim (u8)
     | shape (ndim x u64, little endian) | C-ordered array bytes
+
+A stored token names the data key that encrypted it (agents.data_keys holds the keys,
+wrapped by the master keys in FREEAGENTICS_ENCRYPTION_KEYS):
+
+    magic b"FAE1" | data key id (u32, big endian) | Fernet token
+
+(The Fernet token stays in its url-safe base64 form: decoding it to binary would save a
+quarter of the bytes but cost half the throughput, measured in benchmarks/encryption.py.)
+
+Tokens written before envelope encryption are plain Fernet tokens under a master key
+(they start with "gAAAAA"); they keep reading, and rotate_encryption_keys converts them.
 """
 
 import functools
@@ -17,6 +28,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
+from agents import data_keys
 from agents.exceptions import BeliefStateDecryptionError, BeliefStateFormatError
 
 MAGIC = b"FAB1"
@@ -118,11 +130,6 @@ def multi_fernet() -> MultiFernet:
     return _fernet_for(tuple(settings.FREEAGENTICS_ENCRYPTION_KEYS))[0]
 
 
-def primary_fernet() -> Fernet:
-    """The key that encrypts; a token it can decrypt needs no rotation."""
-    return _fernet_for(tuple(settings.FREEAGENTICS_ENCRYPTION_KEYS))[1]
-
-
 @receiver(setting_changed)
 def _forget_keys(*, setting, **kwargs):
     global _last
@@ -131,42 +138,66 @@ def _forget_keys(*, setting, **kwargs):
         _last = (None, ())
 
 
-def encrypt_array(array: np.ndarray) -> bytes:
-    return multi_fernet().encrypt(encode_array(array))
+ENVELOPE_MAGIC = b"FAE1"
+_KEY_ID = struct.Struct(">I")
+_ENVELOPE_HEADER = len(ENVELOPE_MAGIC) + _KEY_ID.size
 
 
-def decrypt_array(token: bytes, *, label: str = "belief state") -> np.ndarray:
-    """Decrypt and decode a token. label names the model and field in errors."""
-    fernets = _decrypting_fernets()
-    # The same loop MultiFernet.decrypt runs, minus its per-call overhead on the hot path.
-    for fernet in fernets:
+def seal(plaintext: bytes, key: data_keys.DataKey) -> bytes:
+    return ENVELOPE_MAGIC + _KEY_ID.pack(key.id) + key.fernet.encrypt(plaintext)
+
+
+def encrypt_array(array: np.ndarray, *, tenant_id) -> bytes:
+    """The array encrypted with the tenant's active data key."""
+    return seal(encode_array(array), data_keys.active_key(tenant_id))
+
+
+def token_key_id(token: bytes) -> int | None:
+    """The data key id a token names; None for a token under a master key (legacy)."""
+    if token[:4] == ENVELOPE_MAGIC and len(token) > _ENVELOPE_HEADER:
+        return _KEY_ID.unpack_from(token, 4)[0]
+    return None
+
+
+def open_token(token: bytes, *, label: str = "belief state", tenant_id=None) -> bytes:
+    """The plaintext inside a token. With tenant_id, a token under another tenant's key
+    is refused: a ciphertext copied between tenants never opens."""
+    key_id = token_key_id(token)
+    if key_id is None:
+        return _open_legacy(token, label)
+    try:
+        key = data_keys.key_by_id(key_id)
+    except BeliefStateDecryptionError as e:
+        raise type(e)(f"Cannot decrypt {label}: {e}") from e
+    if tenant_id is not None and str(key.tenant_id) != str(tenant_id):
+        raise BeliefStateDecryptionError(
+            f"Cannot decrypt {label}: it is under data key {key_id} of another tenant."
+        )
+    try:
+        return key.fernet.decrypt(token[_ENVELOPE_HEADER:])
+    except InvalidToken:
+        raise BeliefStateDecryptionError(
+            f"Cannot decrypt {label}: data key {key_id} does not open it (corrupt ciphertext)."
+        ) from None
+
+
+def _open_legacy(token: bytes, label: str) -> bytes:
+    # The same loop MultiFernet.decrypt runs, minus its per-call overhead.
+    for fernet in _decrypting_fernets():
         try:
-            plaintext = fernet.decrypt(token)
-            break
+            return fernet.decrypt(token)
         except InvalidToken:
             continue
-    else:
-        raise BeliefStateDecryptionError(
-            f"Cannot decrypt {label}: no key in FREEAGENTICS_ENCRYPTION_KEYS opens it "
-            "(wrong key, or corrupt ciphertext)."
-        )
+    raise BeliefStateDecryptionError(
+        f"Cannot decrypt {label}: no key in FREEAGENTICS_ENCRYPTION_KEYS opens it "
+        "(wrong key, or corrupt ciphertext)."
+    )
+
+
+def decrypt_array(token: bytes, *, label: str = "belief state", tenant_id=None) -> np.ndarray:
+    """Decrypt and decode a token. label names the model and field in errors."""
+    plaintext = open_token(token, label=label, tenant_id=tenant_id)
     try:
         return decode_array(plaintext)
     except BeliefStateFormatError as e:
         raise BeliefStateFormatError(f"Cannot decode {label}: {e}") from e
-
-
-def rotate_token(token: bytes) -> bytes | None:
-    """Re-encrypt under the primary key, or None when the primary key already made it."""
-    token = bytes(token)
-    try:
-        primary_fernet().decrypt(token)
-        return None
-    except InvalidToken:
-        pass
-    try:
-        return multi_fernet().rotate(token)
-    except InvalidToken:
-        raise BeliefStateDecryptionError(
-            "Cannot rotate a token no key in FREEAGENTICS_ENCRYPTION_KEYS opens."
-        ) from None

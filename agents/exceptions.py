@@ -8,3 +8,7 @@ class BeliefStateDecryptionError(BeliefStateError):
 
 class BeliefStateFormatError(BeliefStateError):
     """The token decrypted, but the bytes inside are not a belief array."""
+
+
+class TenantShreddedError(BeliefStateDecryptionError):
+    """The tenant's data keys were destroyed: what they encrypted is unreadable for good."""

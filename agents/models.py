@@ -104,7 +104,7 @@ class AgentHistory(models.Model):
         Agent, on_delete=models.DO_NOTHING, db_constraint=False, related_name="history"
     )
     recorded_at = models.DateTimeField(db_default=Now())
-    belief_state = EncryptedArrayField(null=True)
+    belief_state = EncryptedArrayField(null=True, tenant_attribute="agent.tenant_id")
     energy_level = models.IntegerField(null=True)
 
     class Meta:
@@ -163,3 +163,45 @@ class OperatorMembership(models.Model):
 
     def __str__(self):
         return f"{self.user} @ {self.tenant}"
+
+
+class TenantDataKey(models.Model):
+    """A tenant's data key, wrapped by the master keys (agents.data_keys).
+
+    One active key per tenant (retired_at is NULL); retired keys still open what they
+    encrypted until re-encryption moves it. A destroyed key (crypto-shredding) keeps
+    its row, without key material, so reads say the tenant was shredded."""
+
+    id = models.AutoField(primary_key=True)
+    # No foreign key: a key may be created on its own connection before the tenant's
+    # row commits, and must outlive the tenant to tell what happened to its data.
+    tenant = models.ForeignKey(
+        Tenant, on_delete=models.DO_NOTHING, db_constraint=False, related_name="data_keys"
+    )
+    wrapped_key = models.BinaryField(null=True, editable=False)
+    created_at = models.DateTimeField(db_default=Now(), editable=False)
+    retired_at = models.DateTimeField(null=True, editable=False)
+    destroyed_at = models.DateTimeField(null=True, editable=False)
+    # Rows the last re-encryption pass left under this key, and when it counted.
+    rows_remaining = models.BigIntegerField(null=True, editable=False)
+    counted_at = models.DateTimeField(null=True, editable=False)
+
+    class Meta:
+        db_table = "tenant_data_keys"
+        ordering = ["tenant", "-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant"],
+                condition=models.Q(retired_at__isnull=True),
+                name="tenant_data_keys_one_active",
+            ),
+        ]
+
+    def __str__(self):
+        return f"data key {self.id}"
+
+    @property
+    def state(self) -> str:
+        if self.destroyed_at:
+            return "destroyed"
+        return "retired" if self.retired_at else "active"

@@ -152,7 +152,7 @@ def _state_batch(tenant_id: str, event: str, items: list, timestamp: float) -> l
         if beliefs is not None or event == EVENT_CREATED:
             data["belief_summary"] = belief_shape(beliefs)
         if beliefs is not None and token is None:
-            token = encrypt_array(beliefs)
+            token = encrypt_array(beliefs, tenant_id=tenant_id)
         agent_id = str(state.id)
         message = {"agent_id": agent_id, "type": event, "data": data, "timestamp": timestamp}
         agents.append(agent_id)

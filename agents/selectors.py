@@ -36,7 +36,9 @@ def _from_cache(value: bytes, tenant: Tenant, agent_id) -> AgentState | None:
     state, token = unpacked
     if token is None:
         return state
-    return dataclasses.replace(state, beliefs=decrypt_array(token, label=_LABEL))
+    return dataclasses.replace(
+        state, beliefs=decrypt_array(token, label=_LABEL, tenant_id=tenant.id)
+    )
 
 
 def get_agent(*, tenant: Tenant, agent_id) -> AgentState:
@@ -66,7 +68,9 @@ def get_agent(*, tenant: Tenant, agent_id) -> AgentState:
     if row is None:
         raise AgentNotFound(AGENT_NOT_FOUND.format(agent_id=agent_id, tenant=tenant.slug))
     token = None if row[10] is None else bytes(row[10])
-    state = state_from_row(row, None if token is None else decrypt_array(token, label=_LABEL))
+    state = state_from_row(
+        row, None if token is None else decrypt_array(token, label=_LABEL, tenant_id=tenant.id)
+    )
     cache.agents_store([cache.agent_entry(state, token)])
     return state
 

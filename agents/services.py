@@ -61,6 +61,12 @@ WITH v AS (
     SELECT * FROM unnest(%b::uuid[], %b::bytea[], %b::int[], %b::varchar[], %b::varchar[],
                          %b::jsonb[])
         AS v(id, belief_state, energy_level, location_h3, status, personality_traits)
+), locked AS MATERIALIZED (
+    -- Row locks in id order, the one order every writer and key rotation takes them in:
+    -- batches touching the same agents in different orders deadlocked otherwise.
+    SELECT a.id FROM agents AS a
+    WHERE a.id IN (SELECT id FROM v) AND a.tenant_id = %b
+    ORDER BY a.id FOR UPDATE
 ), u AS (
     UPDATE agents AS a SET
         belief_state = COALESCE(v.belief_state, a.belief_state),
@@ -70,7 +76,7 @@ WITH v AS (
         personality_traits = COALESCE(v.personality_traits, a.personality_traits),
         last_active_at = clock_timestamp()
     FROM v
-    WHERE a.id = v.id AND a.tenant_id = %b
+    WHERE a.id = v.id AND a.id IN (SELECT id FROM locked)
     RETURNING {_RETURNING}, a.belief_state,
         -- The caller already holds tokens it sent; only unchanged ones travel back.
         CASE WHEN v.belief_state IS NULL THEN a.belief_state END AS kept_token
@@ -167,11 +173,11 @@ def agent_create(*, tenant: Tenant, spec: AgentSpec) -> AgentState:
     )
 
 
-def _validated_update(update: AgentStateUpdate):
+def _validated_update(update: AgentStateUpdate, tenant_id):
     """Column values for one update; None leaves a column unchanged."""
     token = None
     if update.beliefs is not UNSET:
-        token = encrypt_array(validate_beliefs(update.beliefs))
+        token = encrypt_array(validate_beliefs(update.beliefs), tenant_id=tenant_id)
     validate_optional_number(update.free_energy, "free_energy")
     energy = None if update.energy_level is UNSET else validate_energy(update.energy_level)
     cell = None if update.location_h3 is UNSET else validate_cell(update.location_h3)
@@ -210,7 +216,7 @@ def agents_update_states(
                 raise ValidationError({"agent_id": DUPLICATE_AGENT.format(agent_id=agent_id)})
             seen.add(agent_id)
             ids.append(agent_id)
-            values = _validated_update(update)
+            values = _validated_update(update, tenant.id)
         except ValidationError as e:
             if len(updates) == 1:
                 raise
@@ -337,7 +343,9 @@ def agents_bulk_load(
                             tenant.id,
                             spec.name,
                             spec.agent_type,
-                            None if spec.beliefs is None else encrypt_array(spec.beliefs),
+                            None
+                            if spec.beliefs is None
+                            else encrypt_array(spec.beliefs, tenant_id=tenant.id),
                             spec.energy_level,
                             spec.location_h3,
                             spec.status,

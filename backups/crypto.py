@@ -386,3 +386,18 @@ class DecryptingReader(io.RawIOBase):
         buffer[:n] = self._pending[:n]
         self._pending = self._pending[n:]
         return n
+
+
+def age_seal_bytes(data: bytes, key: BackupKey) -> bytes:
+    """A small file's content as age ciphertext (the key store's files)."""
+    return pyrage.encrypt(data, [key.recipient])
+
+
+def age_open_bytes(data: bytes) -> bytes:
+    identities = _age_identities()
+    if not identities:
+        raise _age_error(None)
+    try:
+        return pyrage.decrypt(data, identities)
+    except pyrage.DecryptError as e:
+        raise _age_error(e) from e

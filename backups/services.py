@@ -22,9 +22,9 @@ from django.db import connections
 from django.utils import timezone
 
 from agents.encryption import decrypt_array
-from agents.exceptions import BeliefStateError
+from agents.exceptions import BeliefStateError, TenantShreddedError
 from agents.key_rotation import encrypted_columns
-from backups import pgtools, redisio, selectors, storage
+from backups import keystore, pgtools, redisio, selectors, storage
 from backups.crypto import (
     encryption_key,
     key_for,
@@ -187,6 +187,8 @@ def backup_create(
                     f"--compress={settings.BACKUP_PG_COMPRESS}",
                     "--verbose",
                     f"--snapshot={snapshot_id}",
+                    # Data keys live in the key store, beside the backups (backups.keystore).
+                    f"--exclude-table-data={keystore.TABLE}",
                 ]
                 # Encrypted, the dump goes from pg_dump's stdout through the encryptor:
                 # no plaintext reaches the disk. Clear, it is a seekable file, which
@@ -197,6 +199,9 @@ def backup_create(
                 procs.append(dump)
                 postgres_info = pgtools.describe_database(cursor)
                 migrations = postgres_info.pop("migrations")
+                if keystore.TABLE in postgres_info["tables"]:
+                    postgres_info["tables"][keystore.TABLE] = 0  # what the dump holds
+                postgres_info["key_store"] = keystore.keys_export(cursor)
                 postgres_info.update(
                     server_version=server,
                     database=pgtools.settings_dict(alias)["NAME"],
@@ -580,6 +585,7 @@ def _restore_postgres(
                     "The restored copy does not match the backup: " + "; ".join(problems[:5])
                 )
             progress.note(f"Restored copy checked: {len(actual['tables'])} tables match.")
+            _load_key_store(alias, scratch, progress)
             previous = None
             blocked = False
             if target_exists:
@@ -751,14 +757,31 @@ def _drill_postgres(manifest, entry, path, alias, report, progress) -> None:
             if manifest.kind == KIND_FULL:
                 same = actual["migrations"] == manifest.django.get("migrations", [])
                 report.add("migrations", same, f"{len(actual['migrations'])} applied")
+                report.add("key store", True, _load_key_store(alias, scratch, progress))
             _drill_beliefs(manifest, alias, scratch, actual, report, progress)
         finally:
             pgtools.drop_database(mconn, scratch)
     report.add("scratch dropped", True, scratch)
 
 
+def _load_key_store(alias: str, dbname: str, progress) -> str:
+    """Load the key store into a restored copy; says what it loaded, and names the
+    shredded tenants, whose beliefs in this backup stay unreadable by design."""
+    with pgtools.connect(alias, dbname) as conn:
+        loaded = keystore.keys_import(conn.cursor())
+    note = f"{loaded['keys']} data keys loaded from the key store"
+    if loaded["shredded"]:
+        note += (
+            f"; {len(loaded['shredded'])} shredded tenant(s), whose beliefs stay unreadable "
+            f"and whose other rows came back ({', '.join(loaded['shredded'][:3])}: run "
+            "shred_tenant again to delete them)"
+        )
+    progress.note(note[0].upper() + note[1:] + ".")
+    return note
+
+
 def _drill_beliefs(manifest, alias, scratch, actual, report, progress) -> None:
-    failures = 0
+    failures = shredded = 0
     first_error = ""
     present = set(actual["tables"]) | set(actual["partitioned_tables"])
     for table, column in _encrypted_columns_for(manifest):
@@ -770,6 +793,8 @@ def _drill_beliefs(manifest, alias, scratch, actual, report, progress) -> None:
             ):
                 try:
                     decrypt_array(token, label=f"{table}.{column}")
+                except TenantShreddedError:
+                    shredded += 1
                 except BeliefStateError as e:
                     failures += 1
                     first_error = first_error or f"{table} row {ctid}: {e}"
@@ -782,5 +807,6 @@ def _drill_beliefs(manifest, alias, scratch, actual, report, progress) -> None:
         failures == 0,
         f"{failures} of {report.beliefs} fail; first: {first_error}"
         if failures
-        else f"{report.beliefs:,} decrypted",
+        else f"{report.beliefs - shredded:,} decrypted"
+        + (f", {shredded:,} of shredded tenants (unreadable by design)" if shredded else ""),
     )

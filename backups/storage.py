@@ -29,6 +29,8 @@ from freeagentics.progress import NULL_PROGRESS, Progress
 MANIFEST = "manifest.json"
 DRILL_RECORD = "drill.json"
 ARCHIVES_DIR = "archives"
+# Tenants' wrapped data keys (backups.keystore), beside the backups, not one of them.
+KEYS_DIR = "keys"
 ARCHIVE_PREFIX = "archive-"
 COPY_CHUNK = 1024 * 1024
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -41,7 +43,7 @@ def backup_storage():
 
 
 def validate_name(name: str) -> str:
-    if not NAME_RE.match(name or "") or name == ARCHIVES_DIR:
+    if not NAME_RE.match(name or "") or name in (ARCHIVES_DIR, KEYS_DIR):
         raise ValidationError(BACKUP_NAME_INVALID.format(name=name))
     return name
 
@@ -83,7 +85,7 @@ def list_names(*, archives: bool = False) -> list[str]:
         return []
     if archives:
         return sorted(d for d in dirs if is_archive(d) and NAME_RE.match(d))
-    return sorted(d for d in dirs if d != ARCHIVES_DIR and NAME_RE.match(d))
+    return sorted(d for d in dirs if d not in (ARCHIVES_DIR, KEYS_DIR) and NAME_RE.match(d))
 
 
 def exists(name: str) -> bool:

@@ -65,7 +65,7 @@ def main():
                 AgentHistory.objects.create(
                     agent_id=agent.id, belief_state=agent.belief_state, energy_level=n % 100
                 )
-                token = encrypt_array(agent.belief_state)
+                token = encrypt_array(agent.belief_state, tenant_id=tenant.id)
                 transaction.on_commit(
                     lambda a=agent_id, t=token: django_cache.set(f"agent:beliefs:{a}", t, 300)
                 )
@@ -108,7 +108,10 @@ def main():
     def floor():
         for start in range(0, len(ids), args.batch):
             chunk = ids[start : start + args.batch]
-            tokens = [encrypt_array(beliefs[n % 256]) for n in range(start, start + len(chunk))]
+            tokens = [
+                encrypt_array(beliefs[n % 256], tenant_id=tenant.id)
+                for n in range(start, start + len(chunk))
+            ]
             energies = [n % 100 for n in range(start, start + len(chunk))]
             with raw.transaction(), raw.cursor() as cur:
                 cur.execute(

@@ -150,7 +150,7 @@ def build(agents: int, history: int) -> dict:
                         f"agent-{i}",
                         "explorer",
                         tenants[i % 10],
-                        encrypt_array(arrays[i % 64]),
+                        encrypt_array(arrays[i % 64], tenant_id=tenants[i % 10]),
                         i % 101,
                         "891f1d48947ffff",
                     )
@@ -164,7 +164,7 @@ def build(agents: int, history: int) -> dict:
                     (
                         agent_ids[i % agents],
                         now - datetime.timedelta(seconds=int(seconds[i])),
-                        encrypt_array(arrays[i % 64]),
+                        encrypt_array(arrays[i % 64], tenant_id=tenants[(i % agents) % 10]),
                         i % 101,
                     )
                 )

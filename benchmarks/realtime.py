@@ -447,7 +447,7 @@ def publish_path(tenant, agent_ids, args) -> list[dict]:
             for state in states:
                 await layer.group_add(agent_group(state.id), reader)
         beliefs = np.full(8, 1 / 8)
-        token = encrypt_array(beliefs)
+        token = encrypt_array(beliefs, tenant_id=tenant.id)
         # Built outside the timing: both designs build the same frames once per update.
         built = realtime._state_batch(
             str(tenant.id), realtime.EVENT_UPDATED, [(s, beliefs, token) for s in states], 0.0
@@ -473,7 +473,7 @@ def publish_path(tenant, agent_ids, args) -> list[dict]:
 
     def build() -> float:
         beliefs = np.full(8, 1 / 8)
-        token = encrypt_array(beliefs)
+        token = encrypt_array(beliefs, tenant_id=tenant.id)
         start = time.perf_counter()
         realtime._state_batch(
             str(tenant.id), realtime.EVENT_UPDATED, [(s, beliefs, token) for s in states], 0.0

@@ -5,8 +5,10 @@ Serve it with uvicorn (the measured choice, docs/BENCH-realtime.md):
 """
 
 import gc
+import logging
 import os
 
+import psycopg
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "freeagentics.settings")
@@ -15,12 +17,20 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from agents.data_keys import check_master_keys  # noqa: E402
 from agents.routing import websocket_urlpatterns  # noqa: E402
 from agents.ws_auth import (  # noqa: E402
     RealtimeAuthStack,
     RealtimeOriginValidator,
     redact_tokens_in_server_logs,
 )
+
+# A wrong master key is a start-up error, not a failure on the first page that reads a
+# belief. (Raises ImproperlyConfigured; a database that is not up yet is not checked.)
+try:
+    check_master_keys()
+except psycopg.OperationalError as e:
+    logging.getLogger(__name__).warning("Master keys not checked, database unreachable: %s", e)
 
 # After django.setup() configured logging: uvicorn logs each handshake's query string,
 # where a client may have put its token (?token=).

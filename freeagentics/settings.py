@@ -125,6 +125,9 @@ FREEAGENTICS_ENCRYPTION_KEYS = env_list(
 if not FREEAGENTICS_ENCRYPTION_KEYS:
     raise ImproperlyConfigured("FREEAGENTICS_ENCRYPTION_KEYS must be set when DEBUG is off.")
 check_fernet_keys("FREEAGENTICS_ENCRYPTION_KEYS", FREEAGENTICS_ENCRYPTION_KEYS)
+# How long a process keeps using a tenant's data key before re-reading which is active:
+# after a data-key rotation, every process writes with the new key within this time.
+ENCRYPTION_ACTIVE_KEY_SECONDS = env_int("ENCRYPTION_ACTIVE_KEY_SECONDS", 5)
 if not DEBUG and DEV_ENCRYPTION_KEY in FREEAGENTICS_ENCRYPTION_KEYS:
     raise ImproperlyConfigured(
         "FREEAGENTICS_ENCRYPTION_KEYS: the development key is refused when DEBUG is off."

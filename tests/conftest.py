@@ -47,6 +47,28 @@ def _empty_agent_history(request, django_db_blocker):
             cursor.execute("TRUNCATE agent_history")
 
 
+_DB_FIXTURES = {"db", "transactional_db", "live_server", "django_db_setup"}
+
+
+@pytest.fixture(autouse=True)
+def _no_data_keys_left(request):
+    """Data keys are created on connections of their own, so they outlive a test's
+    rolled-back transaction: a test that used the database leaves none behind, and the
+    process forgets the keys it unwrapped, so tests that change master keys stay apart."""
+    from agents import data_keys
+
+    uses_db = request.node.get_closest_marker("django_db") or _DB_FIXTURES & set(
+        request.fixturenames
+    )
+    if uses_db:
+        request.getfixturevalue("django_db_setup")  # torn down after this fixture
+    yield
+    if uses_db:
+        with data_keys.key_connection() as conn:
+            conn.execute(f"DELETE FROM {data_keys.TABLE}")
+    data_keys.forget_cached_keys()
+
+
 @pytest.fixture
 def tenant(db):
     """A tenant to own the test's agents and coalitions."""

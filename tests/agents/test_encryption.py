@@ -118,9 +118,10 @@ def test_lookups_other_than_isnull_are_refused(tenant):
         Agent.objects.filter(belief_state__in=[agent.belief_state])
 
 
-def test_bad_key_configuration_names_the_variable():
+@pytest.mark.django_db
+def test_bad_key_configuration_names_the_variable(tenant):
     with (
         override_settings(FREEAGENTICS_ENCRYPTION_KEYS=["not-a-key"]),
         pytest.raises(ImproperlyConfigured, match="FREEAGENTICS_ENCRYPTION_KEYS entry 1"),
     ):
-        encrypt_array(np.arange(3.0))
+        encrypt_array(np.arange(3.0), tenant_id=tenant.id)

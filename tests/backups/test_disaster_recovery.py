@@ -25,18 +25,38 @@ pytestmark = pytest.mark.django_db(transaction=True)
 RECOVERED = "fa_hb_recovered"
 
 # Run from inside the backup's folder, with the identity in $KEY and a work folder $WORK.
-RECOVER_SCRIPT = """
+RECOVER_SCRIPT = r"""
 set -euo pipefail
 sha256sum postgres.dump.age redis.rdb.gz.age > "$WORK/sha256.txt"
 age -d -i "$KEY" -o "$WORK/postgres.dump" postgres.dump.age
 age -d -i "$KEY" redis.rdb.gz.age | gunzip > "$WORK/dump.rdb"
 createdb "$RECOVERED"
 pg_restore --no-owner --no-privileges --exit-on-error -d "$RECOVERED" "$WORK/postgres.dump"
+for f in ../keys/*.json.age; do age -d -i "$KEY" "$f"; echo; done | python3 -c '
+import json, sys
+for d in map(json.loads, filter(str.strip, sys.stdin)):
+    for k in d["keys"]:
+        row = k["id"], d["tenant_id"], k["wrapped_key"], k["created_at"], k["retired_at"]
+        print(*(r"\N" if v is None else v for v in row), sep="\t")
+' | psql -v ON_ERROR_STOP=1 -q -d "$RECOVERED" \
+  -c "CREATE TEMP TABLE k (id int, t uuid, w text, c timestamptz, r timestamptz)" \
+  -c "\copy k FROM STDIN" \
+  -c "INSERT INTO tenant_data_keys (id, tenant_id, wrapped_key, created_at, retired_at)
+      SELECT id, t, decode(w, 'base64'), c, r FROM k" \
+  -c "SELECT setval('tenant_data_keys_id_seq', max(id)) FROM tenant_data_keys"
 """
 REDIS_SERVER = (
     "redis-server --bind 127.0.0.1 --port {port} --dir {work} --dbfilename dump.rdb "
     "--save '' --appendonly no"
 )
+
+
+def data_keys(dbname: str | None = None) -> list:
+    with pgtools.connect("default", dbname) as conn:
+        rows = conn.execute(
+            "SELECT id, tenant_id, wrapped_key, retired_at FROM tenant_data_keys ORDER BY id"
+        ).fetchall()
+    return [(i, t, bytes(w), r) for i, t, w, r in rows]
 
 
 def free_port() -> int:
@@ -118,6 +138,8 @@ def test_encrypted_backup_recovers_with_age_pg_restore_and_redis_server_alone(
     assert len(sums) == 2
     assert (work / "postgres.dump").read_bytes().startswith(b"PGDMP")
     assert table_rows(RECOVERED) == expected_rows
+    # The data keys, which the dump leaves out, came from the key store.
+    assert data_keys(RECOVERED) == data_keys() != []
 
     port = free_port()
     command = REDIS_SERVER.format(port=port, work=work)

@@ -1,5 +1,4 @@
 import datetime
-import uuid
 from io import StringIO
 
 import numpy as np
@@ -8,7 +7,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import IntegrityError, connection, transaction
 
-from agents.models import AgentHistory
+from agents.models import Agent, AgentHistory, Tenant
 from backups import pgtools
 from backups.exceptions import PARTITION_DROP_NEEDS_YES, PARTITION_LOCK_HELD
 from backups.partition_selectors import (
@@ -23,6 +22,7 @@ from backups.partition_selectors import (
 )
 from backups.partitions import PARTITION_LOCK_KEY, partitions_maintain
 from backups.selectors import backup_list
+from tests import factories
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -56,10 +56,17 @@ def at(k: int, day: int = 10) -> datetime.datetime:
     return datetime.datetime(m.year, m.month, day, 12, tzinfo=datetime.UTC)
 
 
+def history_agent() -> Agent:
+    """The agent every history row here belongs to (its tenant keys the beliefs)."""
+    tenant, _ = Tenant.objects.get_or_create(slug="history-owner", defaults={"name": "H"})
+    return Agent.objects.filter(tenant=tenant).first() or factories.make_agent(tenant)
+
+
 def add_rows(k: int, n: int = 1, *, belief: bool = False) -> None:
+    agent = history_agent()
     for i in range(n):
         AgentHistory.objects.create(
-            agent_id=uuid.uuid4(),
+            agent=agent,
             recorded_at=at(k, 1 + i % 27),
             belief_state=np.full(4, float(k)) if belief else None,
             energy_level=k,

@@ -49,8 +49,10 @@ def s3_backups(moto_server, settings, tmp_path):
     client.delete_bucket(Bucket=BUCKET)
 
 
-def keys(client) -> list[str]:
-    return sorted(o["Key"] for o in client.list_objects_v2(Bucket=BUCKET).get("Contents", []))
+def keys(client, *, key_store: bool = False) -> list[str]:
+    """The bucket's objects: those of backups, or (key_store=True) of the key store."""
+    found = sorted(o["Key"] for o in client.list_objects_v2(Bucket=BUCKET).get("Contents", []))
+    return [k for k in found if k.startswith("nightly/keys/") == key_store]
 
 
 def test_backup_list_drill_and_restore_through_s3(
@@ -68,6 +70,8 @@ def test_backup_list_drill_and_restore_through_s3(
         f"nightly/{name}/redis-keys.gz.age",
         f"nightly/{name}/redis.rdb.gz.age",
     ]
+    # The tenant's data keys, sealed like the backup, beside it.
+    assert keys(s3_backups, key_store=True) == [f"nightly/keys/{sample_data['tenant'].id}.json.age"]
     listing = StringIO()
     call_command("listbackups", stdout=listing)
     assert name in listing.getvalue() and "complete" in listing.getvalue()
