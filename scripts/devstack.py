@@ -19,6 +19,7 @@ starts, it stops on Ctrl-C or SIGTERM. Progress goes to stderr.
 import argparse
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import os
 import shutil
@@ -41,6 +42,15 @@ REQUIREMENT_FILES = (ROOT / "requirements.txt", REQUIREMENTS)
 STAMP = VENV / ".requirements.sha256"
 # Set across the re-exec into .venv, so the venv check runs once per command.
 VENV_READY_ENV = "_FREEAGENTICS_VENV_READY"
+# The command the user typed (scripts/run.sh, scripts/test.sh set it), for usage lines.
+PROG_ENV = "_FREEAGENTICS_PROG"
+# `run --help` lists these after the options; the README table documents the same.
+RUN_ENVIRONMENT = (
+    ("DATABASE_URL", "use this PostgreSQL; no embedded PostgreSQL is started"),
+    ("REDIS_URL", "use this Redis; no embedded Redis is started"),
+    ("FREEAGENTICS_VAR_DIR", "where the data, logs and password file go (default var/)"),
+    ("PYTHON", "the interpreter that creates .venv (default python3.11, else python3)"),
+)
 
 PG_PREFERRED_PORT = 54329
 REDIS_PREFERRED_PORT = 63799
@@ -346,7 +356,76 @@ def tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
+# --- the data folder --------------------------------------------------------------------
+
+LOCK_NAME = "devstack.lock"
+
+
+def hold_data_folder(data: Path, *, postgres: bool, redis: bool):
+    """Claim data/ for this run, or raise DevstackError naming who holds it.
+
+    Runs before any port is chosen: a second copy's first words should be the reason it
+    cannot run, not a port it would have used. The lock (released by the kernel when this
+    process ends, however it ends) catches another devstack even while it is still
+    starting; the pid files catch servers that outlived theirs. Returns the open lock file,
+    to keep for the life of the run.
+    """
+    data.mkdir(parents=True, exist_ok=True)
+    # Open for the whole run: closing it (or exiting) releases the folder.
+    lock = open(data / LOCK_NAME, "a+")  # noqa: SIM115
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise DevstackError(
+            f"{data} is in use by another scripts/run.sh (pid {holder}); stop it first, "
+            "or give this one its own folder with FREEAGENTICS_VAR_DIR"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    servers = []
+    if postgres:
+        servers.append(("PostgreSQL", _running_postmaster(data / "postgres")))
+    if redis:
+        servers.append(("Redis", _running_redis(data / "redis")))
+    for what, pid in servers:
+        if pid:
+            lock.close()
+            raise DevstackError(
+                f"{data} is in use by a {what} (pid {pid}) still running on it; "
+                "stop it first, or give this run its own folder with FREEAGENTICS_VAR_DIR"
+            )
+    return lock
+
+
+def _live_pid(pidfile: Path, command_prefix: str) -> int | None:
+    try:
+        pid = int(pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+    # A stale file whose pid now belongs to another program does not count.
+    return pid if comm.startswith(command_prefix) else None
+
+
+def _running_postmaster(pgdata: Path) -> int | None:
+    return _live_pid(pgdata / "postmaster.pid", "postgres")
+
+
+def _running_redis(redis_dir: Path) -> int | None:
+    return _live_pid(redis_dir / REDIS_PIDFILE, "redis-server")
+
+
 # --- embedded servers -------------------------------------------------------------------
+
+REDIS_PIDFILE = "redis.pid"
 
 
 def start_postgres(stack: Stack, data: Path, port: int, database: str) -> str:
@@ -419,19 +498,6 @@ def start_postgres(stack: Stack, data: Path, port: int, database: str) -> str:
     return url
 
 
-def _running_postmaster(pgdata: Path) -> int | None:
-    try:
-        pid = int((pgdata / "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    try:
-        comm = Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return None
-    # A stale file whose pid now belongs to another program does not count.
-    return pid if comm.startswith("postgres") else None
-
-
 def _create_database(port: int, database: str) -> None:
     import psycopg
     from psycopg import sql
@@ -458,7 +524,11 @@ def start_redis(stack: Stack, data: Path, port: int, db: int = 0) -> str:
     with open(logfile, "ab") as out:
         child = stack.spawn(
             "redis",
-            [binary, "--port", port, "--bind", "127.0.0.1", "--dir", redis_dir],
+            [
+                *[binary, "--port", port, "--bind", "127.0.0.1", "--dir", redis_dir],
+                # Written even in the foreground when named; a second run checks it.
+                *["--pidfile", redis_dir / REDIS_PIDFILE],
+            ],
             # Redis saves its snapshot on SIGTERM, so the data is there next run.
             stop_signal=signal.SIGTERM,
             grace=15,
@@ -499,6 +569,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ["DEBUG"] = "1"
     os.environ["DJANGO_SETTINGS_MODULE"] = "freeagentics.settings"
     data = var_dir()
+    # Before any port: a folder in use is the reason a second copy cannot run.
+    lock = hold_data_folder(
+        data,
+        postgres=not os.environ.get("DATABASE_URL"),
+        redis=not os.environ.get("REDIS_URL"),
+    )
     if not port_is_free(args.host, args.port):
         raise DevstackError(f"{args.host}:{args.port} is in use; pick another with --port")
 
@@ -529,7 +605,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         stack.run_step("migrate", [*manage, "migrate", "--noinput"])
         stack.run_step("seed_demo", [*manage, "seed_demo"])
         password_file = data / "admin-password.txt"
+        before = _read_or_none(password_file)
         stack.run_step("ensure_admin", [*manage, "ensure_admin", "--password-file", password_file])
+        admin_login = _admin_login_hint(password_file, before)
 
         uvicorn = stack.spawn(
             "uvicorn",
@@ -551,7 +629,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _wait_until("uvicorn", lambda: _tcp_answers(args.host, args.port), uvicorn, None)
         log("")
         log(f"FreeAgentics runs at http://{args.host}:{args.port}/admin/")
-        log(f"  admin login: user 'admin', password printed above and in {password_file}")
+        log(f"  admin login: {admin_login}")
         log(f"  DATABASE_URL={redact(database_url)}")
         log(f"  REDIS_URL={redact(redis_url)}")
         log("Press Ctrl-C to stop.")
@@ -565,6 +643,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, _ignore_while_stopping)
         signal.signal(signal.SIGTERM, _ignore_while_stopping)
         stack.stop_all()
+        lock.close()
+
+
+def _read_or_none(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _admin_login_hint(password_file: Path, before: str | None) -> str:
+    """What the banner says about the admin password: ensure_admin prints it only when it
+    creates the user, which is when it rewrites the file."""
+    now = _read_or_none(password_file)
+    if now is not None and now != before:
+        return f"user 'admin', password printed above and in {password_file}"
+    if now is not None:
+        return f"user 'admin', password in {password_file} (reset: manage.py changepassword admin)"
+    return (
+        f"user 'admin'; {password_file} is gone, so set a new password with: "
+        "manage.py changepassword admin (with the URLs below exported)"
+    )
 
 
 def cmd_test(pytest_args: list[str]) -> int:
@@ -636,11 +736,27 @@ def cmd_test(pytest_args: list[str]) -> int:
         stack.stop_all()
 
 
+def run_epilog() -> str:
+    width = max(len(name) for name, _ in RUN_ENVIRONMENT) + 2
+    lines = [f"  {name:<{width}}{meaning}" for name, meaning in RUN_ENVIRONMENT]
+    return "environment variables:\n" + "\n".join(lines)
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="devstack", description=__doc__.split("\n\n")[0])
+    # Started through scripts/run.sh or scripts/test.sh, usage and errors name that
+    # script, which is what the user typed; its subcommand is implied.
+    wrapper = os.environ.get(PROG_ENV)
+    parser = argparse.ArgumentParser(
+        prog=wrapper or "scripts/devstack.py", description=__doc__.split("\n\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
-        "run", help="Serve the app with its databases, migrated and seeded with demo data."
+        "run",
+        help="Serve the app with its databases, migrated and seeded with demo data.",
+        description="Serve the app with its databases, migrated and seeded with demo data.",
+        epilog=run_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **({"prog": wrapper} if wrapper else {}),
     )
     run.add_argument("--host", default="127.0.0.1", help="Address uvicorn binds (127.0.0.1).")
     run.add_argument("--port", type=int, default=8000, help="HTTP port for uvicorn (8000).")
@@ -658,11 +774,17 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "test",
         help="Run pytest against real PostgreSQL and Redis; extra arguments go to pytest.",
         add_help=False,
+        **({"prog": wrapper} if wrapper else {}),
     )
     # Everything after `test` belongs to pytest, --help and -k included.
     if argv[:1] == ["test"]:
         return parser.parse_args(["test"]), argv[1:]
-    return parser.parse_args(argv), []
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # The top-level parser would report them with its own usage line; the command's
+        # usage is the one that lists the options.
+        run.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args, []
 
 
 def main(argv: list[str]) -> int:
@@ -671,6 +793,8 @@ def main(argv: list[str]) -> int:
         if os.environ.pop(VENV_READY_ENV, None) != "1":
             ensure_venv()
         reexec_in_venv()
+        # Read by parse_args in both processes; the servers and pytest must not inherit it.
+        os.environ.pop(PROG_ENV, None)
         if args.command == "run":
             return cmd_run(args)
         return cmd_test(pytest_args)

@@ -1,22 +1,26 @@
 """The README commands, for real: scripts/devstack.py started as a subprocess."""
 
 import contextlib
+import fcntl
 import importlib.util
 import os
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from io import StringIO
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import psycopg
 import pytest
 from django.conf import settings
+from django.core.management import call_command
 from psycopg import sql
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,10 +195,12 @@ def test_run_with_urls_serves_admin_with_demo_data_and_stops_on_ctrl_c(
         assert coalitions >= 3
         assert admins == 1
         password_file = Path(env["FREEAGENTICS_VAR_DIR"]) / "admin-password.txt"
-        assert password_file.read_text().startswith("admin\n")
+        assert password_file.read_text().startswith("username: admin\npassword: ")
 
         stop_with_ctrl_c(proc, log_path)
 
+    # The first start created the admin, so its password was printed.
+    assert "password printed above" in log_path.read_text()
     assert children, "uvicorn should have been a child of devstack"
     assert still_running(children) == [], log_tail(log_path)
 
@@ -291,3 +297,193 @@ def test_choose_port_prefers_the_default_and_falls_back_when_taken():
             devstack.choose_port("PostgreSQL", busy, busy)
     free = free_port()
     assert devstack.choose_port("PostgreSQL", None, free) == free
+
+
+# --- what a newcomer meets first (issue 17) ---------------------------------------------
+
+
+def run_sh(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`bash scripts/run.sh ...` as the README says it, with this interpreter as PYTHON."""
+    return subprocess.run(
+        ["bash", "scripts/run.sh", *args],
+        cwd=ROOT,
+        env={**(env or os.environ), "PYTHON": sys.executable},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def readme_run_variables() -> list[str]:
+    """The environment variables in the option table of docs/README-run-and-test.md."""
+    text = (ROOT / "docs" / "README-run-and-test.md").read_text()
+    names = []
+    for line in text.splitlines():
+        if line.startswith("| `") and not line.startswith("| `--"):
+            names.append(line.split("`")[1].split("=")[0])
+    return names
+
+
+def test_run_help_lists_the_options_and_the_readme_variables():
+    variables = readme_run_variables()
+    assert {"DATABASE_URL", "REDIS_URL", "FREEAGENTICS_VAR_DIR", "PYTHON"} <= set(variables)
+
+    result = run_sh("--help")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: scripts/run.sh "), result.stdout
+    for option in ("--host", "--port", "--pg-port", "--redis-port"):
+        assert option in result.stdout
+    lines = result.stdout.splitlines()
+    for name in variables:
+        assert [line for line in lines if line.split()[:1] == [name]], (name, result.stdout)
+
+
+def test_a_bad_option_shows_the_usage_of_the_command_typed():
+    result = run_sh("--bogus")
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: scripts/run.sh [-h] [--host HOST]"), result.stderr
+    assert "scripts/run.sh: error: unrecognized arguments: --bogus" in result.stderr
+    assert "devstack" not in result.stderr
+
+
+@contextlib.contextmanager
+def process_named(tmp_path: Path, name: str):
+    """A live process whose command name is `name` (a copy of sleep), killed afterwards."""
+    binary = tmp_path / name
+    binary.write_bytes(Path("/bin/sleep").read_bytes())
+    binary.chmod(0o755)
+    proc = subprocess.Popen([binary, "300"])
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{proc.pid}/comm").read_text().strip() != name:
+            assert time.monotonic() < deadline, "the stand-in process did not start"
+            time.sleep(0.05)
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def port_taken(port: int):
+    """Hold `port` on 127.0.0.1 if it is free; if it is not, it is taken anyway."""
+    with socket.socket() as s:
+        with contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            s.listen()
+        yield
+
+
+def second_run(devstack_env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, DEVSTACK, "run", "--port", str(free_port())],
+        cwd=ROOT,
+        env=devstack_env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def devstack_lines(stderr: str) -> list[str]:
+    # The first line is the virtualenv check, which every command does first.
+    return [line for line in stderr.splitlines() if not line.startswith("devstack: .venv")]
+
+
+@pytest.mark.parametrize(
+    ("server", "command", "pidfile"),
+    [
+        ("PostgreSQL", "postgres", "postgres/postmaster.pid"),
+        ("Redis", "redis-server", "redis/redis.pid"),
+    ],
+)
+def test_a_second_run_on_a_data_folder_in_use_says_so_before_choosing_ports(
+    devstack_env, tmp_path, server, command, pidfile
+):
+    var = Path(devstack_env["FREEAGENTICS_VAR_DIR"])
+    (var / pidfile).parent.mkdir(parents=True)
+    with process_named(tmp_path, command) as pid, port_taken(devstack.PG_PREFERRED_PORT):
+        # What the first copy's server leaves in the folder while it runs.
+        (var / pidfile).write_text(f"{pid}\n")
+
+        result = second_run(devstack_env)
+
+    assert result.returncode == 1, result.stderr
+    assert devstack_lines(result.stderr) == [
+        f"devstack: error: {var} is in use by a {server} (pid {pid}) still running on it; "
+        "stop it first, or give this run its own folder with FREEAGENTICS_VAR_DIR"
+    ]
+    # Nothing was started in the folder the other copy owns.
+    assert not (var / "log").exists()
+
+
+def test_a_second_run_while_the_first_still_starts_names_the_first(devstack_env):
+    var = Path(devstack_env["FREEAGENTICS_VAR_DIR"])
+    var.mkdir(parents=True)
+    with open(var / devstack.LOCK_NAME, "w") as lock, port_taken(devstack.PG_PREFERRED_PORT):
+        # What a first copy holds from its first step on, before its servers exist.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write("4242\n")
+        lock.flush()
+
+        result = second_run(devstack_env)
+
+    assert result.returncode == 1, result.stderr
+    assert devstack_lines(result.stderr) == [
+        f"devstack: error: {var} is in use by another scripts/run.sh (pid 4242); stop it "
+        "first, or give this one its own folder with FREEAGENTICS_VAR_DIR"
+    ]
+
+
+def test_a_stale_pid_file_does_not_hold_the_data_folder(tmp_path):
+    var = tmp_path / "var"
+    (var / "postgres").mkdir(parents=True)
+    # This test's own pid: alive, but not a PostgreSQL.
+    (var / "postgres" / "postmaster.pid").write_text(f"{os.getpid()}\n")
+
+    lock = devstack.hold_data_folder(var, postgres=True, redis=True)
+    lock.close()
+
+
+def test_the_banner_says_where_the_admin_password_is(tmp_path):
+    password_file = tmp_path / "admin-password.txt"
+
+    assert devstack._admin_login_hint(password_file, None) == (
+        f"user 'admin'; {password_file} is gone, so set a new password with: "
+        "manage.py changepassword admin (with the URLs below exported)"
+    )
+    password_file.write_text("username: admin\npassword: one\n")
+    assert "printed above" in devstack._admin_login_hint(password_file, None)
+    # A later start: ensure_admin left the user and the file alone and printed nothing.
+    hint = devstack._admin_login_hint(password_file, password_file.read_text())
+    assert "printed above" not in hint
+    assert hint == (
+        f"user 'admin', password in {password_file} (reset: manage.py changepassword admin)"
+    )
+
+
+@pytest.mark.django_db
+def test_ensure_admin_writes_a_labelled_private_file_and_later_says_where_it_is(tmp_path):
+    password_file = tmp_path / "var" / "admin-password.txt"
+    out = StringIO()
+    call_command("ensure_admin", "--password-file", str(password_file), stdout=out)
+
+    password = out.getvalue().split("with password: ")[1].split()[0]
+    assert password_file.read_text() == f"username: admin\npassword: {password}\n"
+    assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+
+    out = StringIO()
+    call_command("ensure_admin", "--password-file", str(password_file), stdout=out)
+    assert password not in out.getvalue()
+    assert f"the password it was created with is in {password_file}" in out.getvalue()
+    assert "manage.py changepassword admin" in out.getvalue()
+
+    password_file.unlink()
+    out = StringIO()
+    call_command("ensure_admin", "--password-file", str(password_file), stdout=out)
+    assert str(password_file) not in out.getvalue()
+    assert "manage.py changepassword admin" in out.getvalue()

@@ -143,7 +143,7 @@ def test_ensure_admin_creates_superuser_once_and_shows_password_once(tmp_path):
     assert user.is_superuser and user.is_staff
     password = out.getvalue().split("with password: ")[1].split()[0]
     assert user.check_password(password)
-    assert password_file.read_text() == f"admin\n{password}\n"
+    assert password_file.read_text() == f"username: admin\npassword: {password}\n"
     assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
 
     out = StringIO()
@@ -161,4 +161,4 @@ def test_ensure_admin_tightens_an_existing_password_file(tmp_path):
     call_command("ensure_admin", "--password-file", str(password_file), stdout=StringIO())
 
     assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
-    assert password_file.read_text().startswith("admin\n")
+    assert password_file.read_text().startswith("username: admin\n")

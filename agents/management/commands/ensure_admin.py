@@ -27,10 +27,14 @@ class Command(BaseCommand):
         password_file = options["password_file"]
         password = demo_admin_ensure(username=username)
         if password is None:
-            hint = f" (see {password_file} if you kept it)" if password_file else ""
+            where = (
+                f"; the password it was created with is in {password_file}"
+                if password_file and password_file.exists()
+                else ""
+            )
             self.stdout.write(
-                f"Superuser {username!r} exists; its password was shown when it was created"
-                f"{hint}. Reset it with: manage.py changepassword {username}"
+                f"Superuser {username!r} exists{where}. "
+                f"Reset the password with: manage.py changepassword {username}"
             )
             return
         self.stdout.write(
@@ -38,10 +42,15 @@ class Command(BaseCommand):
         )
         if password_file:
             try:
-                _write_private(password_file, f"{username}\n{password}\n")
+                # Labelled, so nobody takes the whole file for the password.
+                _write_private(password_file, password_file_text(username, password))
             except OSError as e:
                 raise CommandError(f"Could not write {password_file}: {e}") from e
             self.stdout.write(f"The password is also in {password_file} (mode 0600).")
+
+
+def password_file_text(username: str, password: str) -> str:
+    return f"username: {username}\npassword: {password}\n"
 
 
 def _write_private(path: Path, text: str) -> None:
