@@ -368,8 +368,11 @@ def hold_data_folder(data: Path, *, postgres: bool, redis: bool):
     cannot run, not a port it would have used. The lock (released by the kernel when this
     process ends, however it ends) catches another devstack even while it is still
     starting; the pid files catch servers that outlived theirs. Returns the open lock file,
-    to keep for the life of the run.
+    to keep for the life of the run, or None when no embedded server uses the folder.
     """
+    if not (postgres or redis):
+        # DATABASE_URL and REDIS_URL both set: the servers are someone else's to share.
+        return None
     data.mkdir(parents=True, exist_ok=True)
     # Open for the whole run: closing it (or exiting) releases the folder.
     lock = open(data / LOCK_NAME, "a+")  # noqa: SIM115
@@ -643,7 +646,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, _ignore_while_stopping)
         signal.signal(signal.SIGTERM, _ignore_while_stopping)
         stack.stop_all()
-        lock.close()
+        if lock is not None:
+            lock.close()
 
 
 def _read_or_none(path: Path) -> str | None:

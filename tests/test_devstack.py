@@ -155,6 +155,14 @@ def wait_for_ok(url: str, proc: subprocess.Popen, log_path: Path) -> None:
     pytest.fail(f"{url} did not answer 200 within {START_TIMEOUT}s:\n{log_tail(log_path)}")
 
 
+def wait_for_log(log_path: Path, text: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while text not in log_path.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"devstack never logged {text!r}:\n{log_tail(log_path)}")
+        time.sleep(0.2)
+
+
 def stop_with_ctrl_c(proc: subprocess.Popen, log_path: Path) -> None:
     proc.send_signal(signal.SIGINT)
     try:
@@ -196,11 +204,12 @@ def test_run_with_urls_serves_admin_with_demo_data_and_stops_on_ctrl_c(
         assert admins == 1
         password_file = Path(env["FREEAGENTICS_VAR_DIR"]) / "admin-password.txt"
         assert password_file.read_text().startswith("username: admin\npassword: ")
+        # The banner follows the server's first answer; wait for its last line.
+        wait_for_log(log_path, "Press Ctrl-C to stop.", proc)
+        # The first start created the admin, so its password was printed.
+        assert "password printed above" in log_path.read_text()
 
         stop_with_ctrl_c(proc, log_path)
-
-    # The first start created the admin, so its password was printed.
-    assert "password printed above" in log_path.read_text()
     assert children, "uvicorn should have been a child of devstack"
     assert still_running(children) == [], log_tail(log_path)
 
@@ -487,3 +496,9 @@ def test_ensure_admin_writes_a_labelled_private_file_and_later_says_where_it_is(
     call_command("ensure_admin", "--password-file", str(password_file), stdout=out)
     assert str(password_file) not in out.getvalue()
     assert "manage.py changepassword admin" in out.getvalue()
+
+
+def test_a_run_with_both_urls_claims_no_data_folder(tmp_path):
+    # No embedded server uses the folder, so copies sharing the given servers may coexist.
+    assert devstack.hold_data_folder(tmp_path / "var", postgres=False, redis=False) is None
+    assert not (tmp_path / "var").exists()
