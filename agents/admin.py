@@ -24,7 +24,6 @@ from agents.admin_scoping import (
     is_unscoped,
     service_errors_as_form_errors,
 )
-from agents.api_tokens import api_token_create, api_token_revoke
 from agents.beliefs import belief_summary
 from agents.models import (
     Agent,
@@ -34,17 +33,25 @@ from agents.models import (
     Tenant,
     TenantDataKey,
 )
-from agents.selectors import agent_history, agents_near, tenant_overview
+from agents.selectors import (
+    AGENT_EXPORT_HEADER,
+    agent_export_rows,
+    agent_history,
+    agents_near,
+)
 from agents.services import (
     AgentSpec,
     agent_create,
     agent_delete,
     agent_update_state,
-    agents_update_states,
+    agents_delete,
+    agents_set_status,
 )
 from agents.svg import hex_map_svg, neighbourhood_svg
-from agents.types import AgentStateUpdate
+from agents.types import AgentStateUpdate, iso_timestamp
+from coalitions.selectors import tenant_overview
 from metrics.charts import agent_metrics_chart
+from realtime.tokens import api_token_create, api_token_revoke
 
 NEIGHBOURHOOD_RADIUS = 3
 HISTORY_ROWS = 10
@@ -53,8 +60,13 @@ METRICS_HOURS = 24
 _UPDATABLE = ("status", "energy_level", "location_h3", "personality_traits")
 
 
-def _timestamp(value) -> str:
-    return "" if value is None else timezone.localtime(value).isoformat(timespec="seconds")
+def _ids_by_tenant(queryset) -> list[tuple[Tenant, list]]:
+    """The selected agents' ids grouped by tenant: the services work within one tenant."""
+    ids = defaultdict(list)
+    for agent_id, tenant_id in queryset.values_list("pk", "tenant_id"):
+        ids[tenant_id].append(agent_id)
+    tenants = Tenant.objects.in_bulk(list(ids))
+    return [(tenants[tenant_id], agent_ids) for tenant_id, agent_ids in ids.items()]
 
 
 class TenantDataKeyInline(TenantScopedInlineMixin, admin.TabularInline):
@@ -261,8 +273,8 @@ class AgentAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     def delete_queryset(self, request, queryset):
         try:
             with transaction.atomic():
-                for agent in queryset.select_related("tenant").only("pk", "tenant"):
-                    agent_delete(tenant=agent.tenant, agent_id=agent.pk)
+                for tenant, ids in _ids_by_tenant(queryset):
+                    agents_delete(tenant=tenant, agent_ids=ids)
         except ValidationError as e:
             self.report_service_error(request, e)
 
@@ -277,23 +289,18 @@ class AgentAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
         self._set_status(request, queryset, AgentStatus.ACTIVE, "activated")
 
     def _set_status(self, request, queryset, status: str, verb: str) -> None:
-        ids_by_tenant = defaultdict(list)
-        for agent_id, tenant_id in queryset.exclude(status=status).values_list("pk", "tenant_id"):
-            ids_by_tenant[tenant_id].append(agent_id)
-        tenants = Tenant.objects.in_bulk(list(ids_by_tenant))
         try:
-            # One service call per tenant (an operator's selection is one tenant), and
-            # all of them or none.
+            # An operator's selection is one tenant; a superuser's may span several: all
+            # of them change or none.
             with transaction.atomic():
-                for tenant_id, ids in ids_by_tenant.items():
-                    agents_update_states(
-                        tenant=tenants[tenant_id],
-                        updates=[AgentStateUpdate(agent_id=i, status=status) for i in ids],
-                    )
+                changed = [
+                    agent_id
+                    for tenant, ids in _ids_by_tenant(queryset)
+                    for agent_id in agents_set_status(tenant=tenant, agent_ids=ids, status=status)
+                ]
         except ValidationError as e:
             self.report_service_error(request, e)
             return
-        changed = [i for ids in ids_by_tenant.values() for i in ids]
         if changed:
             LogEntry.objects.log_actions(
                 request.user.pk,
@@ -305,42 +312,7 @@ class AgentAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
 
     @admin.action(description="Export selected agents as CSV", permissions=["view"])
     def export_csv(self, request, queryset):
-        header = [
-            "id",
-            "tenant",
-            "name",
-            "agent_type",
-            "status",
-            "energy_level",
-            "location_h3",
-            "last_active_at",
-            "created_at",
-            "updated_at",
-            "belief_size",
-            "belief_entropy",
-        ]
-
-        def rows():
-            # Beliefs are decrypted only to summarise; the ciphertext never leaves.
-            agents = queryset.defer(None).select_related("tenant").order_by("name", "pk")
-            for agent in agents.iterator(chunk_size=500):
-                summary = belief_summary(agent.belief_state)
-                yield [
-                    agent.pk,
-                    agent.tenant.slug,
-                    agent.name,
-                    agent.agent_type,
-                    agent.status,
-                    agent.energy_level,
-                    agent.location_h3,
-                    _timestamp(agent.last_active_at),
-                    _timestamp(agent.created_at),
-                    _timestamp(agent.updated_at),
-                    summary and summary["size"],
-                    summary and round(summary["entropy"], 6),
-                ]
-
-        return csv_response("agents.csv", header, rows())
+        return csv_response("agents.csv", AGENT_EXPORT_HEADER, agent_export_rows(queryset))
 
     # Change page -----------------------------------------------------------------------
 
@@ -401,7 +373,7 @@ class AgentAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
             summary = belief_summary(row["beliefs"])
             cells.append(
                 (
-                    _timestamp(row["recorded_at"]),
+                    iso_timestamp(row["recorded_at"]),
                     "—" if row["energy_level"] is None else row["energy_level"],
                     "—" if summary is None else f"{summary['entropy']:.4f}",
                     "—" if summary is None else f"{summary['max']:.4f}",

@@ -7,18 +7,50 @@ full beliefs may go (the admin, credentials with the beliefs right); belief_shap
 everyone else sees (README "Real-time updates", "Which statistics leave the encrypted store").
 """
 
+from collections import defaultdict
+from collections.abc import Sequence
+
 import numpy as np
+
+
+def _entropies(matrix: np.ndarray) -> np.ndarray:
+    """Shannon entropy (nats) of each row read as a distribution (its positive values,
+    normalised); 0 for a row with nothing positive."""
+    positive = np.where(matrix > 0, matrix, 0.0)
+    totals = positive.sum(axis=1)
+    p = positive / np.where(totals > 0, totals, 1.0)[:, None]
+    logs = np.log(p, out=np.zeros_like(p), where=p > 0)
+    return np.where(totals > 0, -(p * logs).sum(axis=1), 0.0)
 
 
 def belief_entropy(beliefs: np.ndarray) -> float:
     """Shannon entropy (nats) of the array read as a distribution; 0 for an empty array."""
     flat = np.asarray(beliefs, dtype=np.float64).ravel()
-    positive = flat[flat > 0]
-    total = positive.sum()
-    if total <= 0:
-        return 0.0
-    p = positive / total
-    return float(-(p * np.log(p)).sum())
+    return float(_entropies(flat[None, :])[0]) if flat.size else 0.0
+
+
+def belief_stats(arrays: Sequence[np.ndarray]) -> list[tuple[float, float, float] | None]:
+    """(entropy, max, variance) per array, None for an empty one. Arrays of equal size
+    are stacked and computed together: one numpy call per batch instead of per agent.
+    The entropy is belief_entropy's."""
+    results: list[tuple[float, float, float] | None] = [None] * len(arrays)
+    groups: dict[int, list[int]] = defaultdict(list)
+    flats = []
+    for index, array in enumerate(arrays):
+        flat = np.asarray(array, dtype=np.float64).ravel()
+        flats.append(flat)
+        if flat.size:
+            groups[flat.size].append(index)
+    for indices in groups.values():
+        matrix = np.stack([flats[i] for i in indices])
+        entropies = _entropies(matrix)
+        maxima = matrix.max(axis=1)
+        variances = matrix.var(axis=1)
+        for i, entropy, maximum, variance in zip(
+            indices, entropies.tolist(), maxima.tolist(), variances.tolist(), strict=True
+        ):
+            results[i] = (entropy, maximum, variance)
+    return results
 
 
 def belief_shape(beliefs: np.ndarray | None) -> dict | None:

@@ -3,19 +3,20 @@
 import dataclasses
 import datetime
 import logging
+import uuid
+from collections.abc import Iterable, Iterator
 
 import h3
 from django.core.exceptions import ObjectDoesNotExist
 from django.db import connection
-from django.db.models import Count
 
 from agents import cache
+from agents.beliefs import belief_summary
 from agents.encryption import decrypt_array
 from agents.exceptions import BeliefStateError
 from agents.models import Agent, AgentHistory, Tenant
-from agents.types import AgentState, agent_select_list, state_from_row
+from agents.types import AgentState, agent_select_list, iso_timestamp, state_from_row
 from agents.validators import validate_cell, validate_radius
-from coalitions.models import Coalition
 
 logger = logging.getLogger(__name__)
 
@@ -118,31 +119,46 @@ def agent_history(
     ]
 
 
-def tenant_overview(*, tenant: Tenant) -> dict:
-    """Counts of a tenant's agents per H3 cell, by status and by type, and of its
-    coalitions by status: four grouped queries, however many agents."""
-    agents = Agent.objects.filter(tenant=tenant)
-    cells = dict(
-        agents.exclude(location_h3=None)
-        .values_list("location_h3")
-        .annotate(n=Count("pk"))
-        .values_list("location_h3", "n")
-    )
-    by_status = dict(agents.values_list("status").annotate(n=Count("pk")).order_by("status"))
-    by_type = dict(agents.values_list("agent_type").annotate(n=Count("pk")).order_by("agent_type"))
-    coalitions = dict(
-        Coalition.objects.filter(tenant=tenant)
-        .values_list("status")
-        .annotate(n=Count("pk"))
-        .order_by("status")
-    )
-    return {
-        "cells": cells,
-        "agent_count": sum(by_status.values()),
-        "located_count": sum(cells.values()),
-        "cell_count": len(cells),
-        "densest": max(cells.values(), default=0),
-        "agents_by_status": sorted(by_status.items()),
-        "agents_by_type": sorted(by_type.items()),
-        "coalitions_by_status": sorted(coalitions.items()),
-    }
+def agent_tenants(agent_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, uuid.UUID]:
+    """{agent_id: tenant_id} for those of agent_ids that exist, whatever their tenant
+    (consumers answer another tenant's agent as one that does not exist)."""
+    return dict(Agent.objects.filter(pk__in=list(agent_ids)).values_list("pk", "tenant_id"))
+
+
+AGENT_EXPORT_HEADER = [
+    "id",
+    "tenant",
+    "name",
+    "agent_type",
+    "status",
+    "energy_level",
+    "location_h3",
+    "last_active_at",
+    "created_at",
+    "updated_at",
+    "belief_size",
+    "belief_entropy",
+]
+
+
+def agent_export_rows(agents) -> Iterator[list]:
+    """Rows under AGENT_EXPORT_HEADER for a queryset of agents (the caller scopes it),
+    streamed 500 at a time. Beliefs are decrypted only to summarise: the ciphertext and
+    the values never leave."""
+    agents = agents.defer(None).select_related("tenant").order_by("name", "pk")
+    for agent in agents.iterator(chunk_size=500):
+        summary = belief_summary(agent.belief_state)
+        yield [
+            agent.pk,
+            agent.tenant.slug,
+            agent.name,
+            agent.agent_type,
+            agent.status,
+            agent.energy_level,
+            agent.location_h3,
+            iso_timestamp(agent.last_active_at),
+            iso_timestamp(agent.created_at),
+            iso_timestamp(agent.updated_at),
+            summary and summary["size"],
+            summary and round(summary["entropy"], 6),
+        ]

@@ -16,9 +16,10 @@ from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from psycopg.types.json import Jsonb
 
-from agents import cache, realtime
+from agents import cache
 from agents.encryption import encrypt_array
 from agents.models import Agent, AgentStatus, Tenant
+from agents.signals import agent_created, agent_deleted, agent_states_changed
 from agents.types import (
     AGENT_COLUMNS,
     UNSET,
@@ -40,7 +41,6 @@ from agents.validators import (
     validate_uuid,
 )
 from freeagentics.db import server_binding_cursor
-from metrics.services import agent_metrics_record
 
 AGENTS_NOT_FOUND = "agent_id: {count} agent(s) not found in tenant {tenant}: {ids}."
 DUPLICATE_AGENT = "agent_id: {agent_id} appears more than once in one batch."
@@ -157,20 +157,21 @@ def agent_create(*, tenant: Tenant, spec: AgentSpec) -> AgentState:
             personality_traits=spec.personality_traits,
         )
         agent.refresh_from_db(fields=["last_active_at", "updated_at"])
-        realtime.publish_agent_created(agent)
-    return AgentState(
-        id=agent.id,
-        tenant_id=tenant.id,
-        name=agent.name,
-        agent_type=agent.agent_type,
-        energy_level=agent.energy_level,
-        location_h3=agent.location_h3,
-        status=agent.status,
-        personality_traits=agent.personality_traits,
-        last_active_at=agent.last_active_at,
-        updated_at=agent.updated_at,
-        beliefs=spec.beliefs,
-    )
+        state = AgentState(
+            id=agent.id,
+            tenant_id=tenant.id,
+            name=agent.name,
+            agent_type=agent.agent_type,
+            energy_level=agent.energy_level,
+            location_h3=agent.location_h3,
+            status=agent.status,
+            personality_traits=agent.personality_traits,
+            last_active_at=agent.last_active_at,
+            updated_at=agent.updated_at,
+            beliefs=spec.beliefs,
+        )
+        agent_created.send(sender=Agent, state=state)
+    return state
 
 
 def _validated_update(update: AgentStateUpdate, tenant_id):
@@ -244,8 +245,9 @@ def agents_update_states(
             states.append(state)
             entries.append(cache.agent_entry(state, token if token is not None else row[10]))
         _after_commit(entries)
-        agent_metrics_record(states=states, updates=updates)
-        realtime.publish_agent_states(tenant_id=tenant.id, states=states, tokens=columns[1])
+        agent_states_changed.send(
+            sender=Agent, tenant_id=tenant.id, states=states, updates=updates, tokens=columns[1]
+        )
     return states
 
 
@@ -279,8 +281,9 @@ def agent_adjust_energy(*, tenant: Tenant, agent_id: uuid.UUID, delta: int) -> A
             )
         state = state_from_row(row)
         _after_commit([cache.agent_entry(state, row[10])])
-        agent_metrics_record(states=[state])
-        realtime.publish_agent_states(tenant_id=tenant.id, states=[state])
+        agent_states_changed.send(
+            sender=Agent, tenant_id=tenant.id, states=[state], updates=None, tokens=None
+        )
     return state
 
 
@@ -299,7 +302,41 @@ def agent_delete(*, tenant: Tenant, agent_id: uuid.UUID) -> None:
         version = micros(datetime.datetime.now(datetime.UTC))
         transaction.on_commit(lambda: cache.agent_tombstone(agent_id, version))
         transaction.on_commit(lambda: cache.membership_invalidate(coalition_ids))
-        realtime.publish_agent_deleted(tenant_id=tenant.id, agent_id=agent_id)
+        agent_deleted.send(sender=Agent, tenant_id=tenant.id, agent_id=agent_id)
+
+
+def agents_set_status(*, tenant: Tenant, agent_ids: Iterable, status: str) -> list[uuid.UUID]:
+    """Give the tenant's agents `status` in one transaction; returns the ids that
+    changed (agents already in that status are left alone). ValidationError names the
+    field, and nothing is written, when a status or an id is refused."""
+    status = validate_status(status)
+    ids = [validate_uuid(agent_id, "agent_id") for agent_id in agent_ids]
+    current = dict(Agent.objects.filter(tenant=tenant, pk__in=ids).values_list("pk", "status"))
+    missing = [str(agent_id) for agent_id in ids if agent_id not in current]
+    if missing:
+        raise ValidationError(
+            {
+                "agent_id": AGENTS_NOT_FOUND.format(
+                    count=len(missing), tenant=tenant.slug, ids=", ".join(missing[:5])
+                )
+            }
+        )
+    changing = [agent_id for agent_id in ids if current[agent_id] != status]
+    if changing:
+        agents_update_states(
+            tenant=tenant,
+            updates=[AgentStateUpdate(agent_id=agent_id, status=status) for agent_id in changing],
+        )
+    return changing
+
+
+def agents_delete(*, tenant: Tenant, agent_ids: Iterable) -> int:
+    """Delete the tenant's agents, all or none (as agent_delete each). Returns how many."""
+    ids = [validate_uuid(agent_id, "agent_id") for agent_id in agent_ids]
+    with transaction.atomic():
+        for agent_id in ids:
+            agent_delete(tenant=tenant, agent_id=agent_id)
+    return len(ids)
 
 
 # Bulk loading ------------------------------------------------------------------------

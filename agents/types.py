@@ -4,6 +4,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
+from django.utils import timezone
 
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 _MICROSECOND = datetime.timedelta(microseconds=1)
@@ -100,3 +101,8 @@ def state_from_row(row, beliefs: np.ndarray | None = None) -> AgentState:
     if isinstance(traits, str):
         traits = json.loads(traits)
     return AgentState(*row[:7], traits, from_micros(row[8]), from_micros(row[9]), beliefs=beliefs)
+
+
+def iso_timestamp(value: datetime.datetime | None) -> str:
+    """A timestamp as exports write it: local time, ISO 8601 to the second; "" for None."""
+    return "" if value is None else timezone.localtime(value).isoformat(timespec="seconds")

@@ -198,10 +198,6 @@ def maintenance_connection(alias: str):
     return connect(alias, settings.BACKUP_MAINTENANCE_DB)
 
 
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def server_version(alias: str) -> tuple[str, int]:
     """("15.20", 150020) for the alias' server."""
     with connect(alias) as conn:

@@ -250,15 +250,7 @@ def fetch_verified(
 
 
 def _download(storage, name: str, dest: Path) -> None:
-    bucket = getattr(storage, "bucket", None)
-    normalize = getattr(storage, "_normalize_name", None)
-    with open(dest, "wb") as out:
-        if bucket is not None and normalize is not None:
-            # S3: boto3's managed download streams ranged GETs into the file; S3File
-            # would first buffer the whole object.
-            bucket.Object(normalize(name)).download_fileobj(
-                out, Config=getattr(storage, "transfer_config", None)
-            )
-        else:
-            with storage.open(name, "rb") as src:
-                shutil.copyfileobj(src, out, COPY_CHUNK)
+    # Storage.open() is the public API for every backend (on S3 it spools the object to a
+    # temporary file first; django-storages' private bucket access would stream it).
+    with open(dest, "wb") as out, storage.open(name, "rb") as src:
+        shutil.copyfileobj(src, out, COPY_CHUNK)

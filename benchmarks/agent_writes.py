@@ -38,9 +38,9 @@ def main():
 
     from agents.encryption import encrypt_array
     from agents.models import Agent, AgentHistory, Tenant
-    from agents.realtime import publisher
     from agents.services import AgentSpec, agents_bulk_load, agents_update_states
     from agents.types import AgentStateUpdate
+    from realtime.publisher import publisher
 
     tenant, _ = Tenant.objects.get_or_create(slug="bench-writes", defaults={"name": "Bench writes"})
     Agent.objects.filter(tenant=tenant).delete()

@@ -299,7 +299,7 @@ def drive(tenant, agent_ids: list, rate: float, seconds: float, rng) -> tuple[in
 def measure(server_proc, clients: Clients, tenant, agent_ids, rate, args, rng) -> dict:
     import psutil
 
-    from agents.realtime import publisher
+    from realtime.publisher import publisher
 
     server = psutil.Process(server_proc.pid)
     drive(tenant, agent_ids, rate, SETTLE_SECONDS, rng)
@@ -426,8 +426,8 @@ def publish_path(tenant, agent_ids, args) -> list[dict]:
 
     from agents import realtime
     from agents.encryption import encrypt_array
-    from agents.realtime import agent_group, tenant_group
     from agents.selectors import get_agent
+    from realtime.protocol import agent_group, tenant_group
 
     batch = args.publish_batch
     states = [get_agent(tenant=tenant, agent_id=a) for a in agent_ids[:batch]]
@@ -528,9 +528,9 @@ def main():
     import numpy as np
     from django.conf import settings
 
-    from agents.api_tokens import api_token_create
     from agents.models import Agent, Tenant
     from agents.services import AgentSpec, agents_bulk_load
+    from realtime.tokens import api_token_create
 
     rng = np.random.default_rng(0)
     scenarios = set(args.scenarios.split(","))

@@ -12,7 +12,6 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Count
 from django.http import HttpResponseNotAllowed, HttpResponseRedirect
 from django.urls import path, reverse
-from django.utils import timezone
 
 from agents.admin_scoping import (
     TenantScopedAdminMixin,
@@ -21,20 +20,14 @@ from agents.admin_scoping import (
     service_errors_as_form_errors,
 )
 from coalitions.models import Coalition, CoalitionMember, CoalitionStatus
+from coalitions.selectors import COALITION_EXPORT_HEADER, coalition_export_rows
 from coalitions.services import (
     ALLOWED_TRANSITIONS,
-    coalition_add_member,
     coalition_create,
-    coalition_member_update,
-    coalition_remove_member,
+    coalition_members_sync,
     coalition_set_status,
     coalition_update,
 )
-
-
-def _timestamp(value) -> str:
-    return "" if value is None else timezone.localtime(value).isoformat(timespec="seconds")
-
 
 # Fields of an existing coalition an operator may edit (through coalition_update).
 EDITABLE_FIELDS = (
@@ -229,47 +222,40 @@ class CoalitionAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     def save_formset(self, request, form, formset, change):
         if formset.model is not CoalitionMember:
             return super().save_formset(request, form, formset, change)
-        coalition = form.instance
-        deleted = formset.deleted_forms
-        removed, added, changed = [], [], []
-        with service_errors_as_form_errors():
-            for member_form in formset.initial_forms:
-                edits = {
-                    f: member_form.cleaned_data[f]
-                    for f in member_form.changed_data
-                    if f in ("role", "contribution_score")
-                }
-                if "agent" in member_form.changed_data:
+        coalition, deleted = form.instance, formset.deleted_forms
+        update, changed, removed = [], [], []
+        for member_form in formset.initial_forms:
+            if "agent" in member_form.changed_data:
+                with service_errors_as_form_errors():
                     raise ValidationError({"agent": MEMBER_AGENT_FIXED})
-                if edits and member_form not in deleted:
-                    coalition_member_update(
-                        tenant=coalition.tenant,
-                        coalition_id=coalition.pk,
-                        agent_id=member_form.instance.agent_id,
-                        **edits,
-                    )
-                    changed.append((member_form.instance, list(edits)))
-            # Removals first, so an agent removed and re-added in one save works.
-            for member_form in formset.initial_forms:
-                if member_form in deleted:
-                    coalition_remove_member(
-                        tenant=coalition.tenant,
-                        coalition_id=coalition.pk,
-                        agent_id=member_form.instance.agent_id,
-                    )
-                    removed.append(member_form.instance)
-            for member_form in formset.extra_forms:
-                if member_form.has_changed() and member_form not in deleted:
-                    data = member_form.cleaned_data
-                    added.append(
-                        coalition_add_member(
-                            tenant=coalition.tenant,
-                            coalition_id=coalition.pk,
-                            agent_id=data["agent"].pk,
-                            role=data["role"],
-                            contribution_score=data["contribution_score"],
-                        )
-                    )
+            if member_form in deleted:
+                removed.append(member_form.instance)
+                continue
+            edits = {
+                f: member_form.cleaned_data[f]
+                for f in member_form.changed_data
+                if f in ("role", "contribution_score")
+            }
+            if edits:
+                update.append({"agent_id": member_form.instance.agent_id, **edits})
+                changed.append((member_form.instance, list(edits)))
+        add = [
+            {
+                "agent_id": f.cleaned_data["agent"].pk,
+                "role": f.cleaned_data["role"],
+                "contribution_score": f.cleaned_data["contribution_score"],
+            }
+            for f in formset.extra_forms
+            if f.has_changed() and f not in deleted
+        ]
+        with service_errors_as_form_errors():
+            added = coalition_members_sync(
+                tenant=coalition.tenant,
+                coalition_id=coalition.pk,
+                update=update,
+                remove=[m.agent_id for m in removed],
+                add=add,
+            )
         # What ModelAdmin.construct_change_message reads for the history entry.
         formset.new_objects, formset.changed_objects, formset.deleted_objects = (
             added,
@@ -311,33 +297,6 @@ class CoalitionAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
 
     @admin.action(description="Export selected coalitions as CSV", permissions=["view"])
     def export_csv(self, request, queryset):
-        header = [
-            "id",
-            "tenant",
-            "name",
-            "business_model",
-            "status",
-            "members",
-            "initial_capital",
-            "current_capital",
-            "total_revenue",
-            "created_at",
-            "dissolved_at",
-        ]
-        rows = (
-            [
-                c.pk,
-                c.tenant.slug,
-                c.name,
-                c.business_model,
-                c.status,
-                c._member_count,
-                c.initial_capital,
-                c.current_capital,
-                c.total_revenue,
-                _timestamp(c.created_at),
-                _timestamp(c.dissolved_at),
-            ]
-            for c in queryset.select_related("tenant").order_by("name", "pk").iterator(500)
+        return csv_response(
+            "coalitions.csv", COALITION_EXPORT_HEADER, coalition_export_rows(queryset)
         )
-        return csv_response("coalitions.csv", header, rows)

@@ -1,10 +1,13 @@
 """Reads of coalitions. Every function takes the tenant and sees only its rows."""
 
+from collections.abc import Iterator
+
 import h3
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet
 
 from agents import cache
-from agents.models import Tenant
+from agents.models import Agent, Tenant
+from agents.types import iso_timestamp
 from agents.validators import validate_cell
 from coalitions.models import Coalition, CoalitionMember
 from coalitions.validators import validate_business_model
@@ -58,3 +61,72 @@ def is_coalition_member(*, tenant: Tenant, coalition_id, agent_id) -> bool:
     )
     cache.membership_fill(coalition_id, tenant.id, members, generation)
     return any(str(m) == str(agent_id) for m in members)
+
+
+def tenant_overview(*, tenant: Tenant) -> dict:
+    """Counts of a tenant's agents per H3 cell, by status and by type, and of its
+    coalitions by status: four grouped queries, however many agents."""
+    agents = Agent.objects.filter(tenant=tenant)
+    cells = dict(
+        agents.exclude(location_h3=None)
+        .values_list("location_h3")
+        .annotate(n=Count("pk"))
+        .values_list("location_h3", "n")
+    )
+    by_status = dict(agents.values_list("status").annotate(n=Count("pk")).order_by("status"))
+    by_type = dict(agents.values_list("agent_type").annotate(n=Count("pk")).order_by("agent_type"))
+    coalitions = dict(
+        Coalition.objects.filter(tenant=tenant)
+        .values_list("status")
+        .annotate(n=Count("pk"))
+        .order_by("status")
+    )
+    return {
+        "cells": cells,
+        "agent_count": sum(by_status.values()),
+        "located_count": sum(cells.values()),
+        "cell_count": len(cells),
+        "densest": max(cells.values(), default=0),
+        "agents_by_status": sorted(by_status.items()),
+        "agents_by_type": sorted(by_type.items()),
+        "coalitions_by_status": sorted(coalitions.items()),
+    }
+
+
+COALITION_EXPORT_HEADER = [
+    "id",
+    "tenant",
+    "name",
+    "business_model",
+    "status",
+    "members",
+    "initial_capital",
+    "current_capital",
+    "total_revenue",
+    "created_at",
+    "dissolved_at",
+]
+
+
+def coalition_export_rows(coalitions) -> Iterator[list]:
+    """Rows under COALITION_EXPORT_HEADER for a queryset of coalitions (the caller
+    scopes it), streamed 500 at a time."""
+    rows = (
+        coalitions.select_related("tenant")
+        .annotate(member_total=Count("memberships", distinct=True))
+        .order_by("name", "pk")
+    )
+    for c in rows.iterator(500):
+        yield [
+            c.pk,
+            c.tenant.slug,
+            c.name,
+            c.business_model,
+            c.status,
+            c.member_total,
+            c.initial_capital,
+            c.current_capital,
+            c.total_revenue,
+            iso_timestamp(c.created_at),
+            iso_timestamp(c.dissolved_at),
+        ]

@@ -1,6 +1,7 @@
 """Writes to coalitions and their members. Every function takes the tenant."""
 
 import uuid
+from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
 
 from django.core.exceptions import ValidationError
@@ -11,10 +12,9 @@ from agents import cache
 from agents.models import Agent, Tenant
 from agents.types import UNSET, Unset
 from agents.validators import brief, validate_json_object, validate_text, validate_uuid
-from coalitions import realtime
 from coalitions.models import Coalition, CoalitionMember, CoalitionStatus
+from coalitions.signals import coalition_status_changed, member_joined, member_left
 from coalitions.validators import validate_business_model
-from metrics.services import coalition_metrics_record
 
 STATUS_UNKNOWN = "status: {value!r} is not one of {allowed}."
 TRANSITION_NOT_ALLOWED = (
@@ -143,8 +143,7 @@ def coalition_add_member(
         except IntegrityError:
             raise ValidationError({"agent_id": ALREADY_MEMBER.format(agent_id=agent_id)}) from None
         _invalidate_members_on_commit(coalition.id)
-        coalition_metrics_record(coalition=coalition)
-        realtime.publish_member_joined(member)
+        member_joined.send(sender=Coalition, member=member, coalition=coalition)
     return member
 
 
@@ -229,8 +228,7 @@ def coalition_remove_member(
         if not deleted:
             raise ValidationError({"agent_id": NOT_MEMBER.format(agent_id=agent_id)})
         _invalidate_members_on_commit(coalition.id)
-        coalition_metrics_record(coalition=coalition)
-        realtime.publish_member_left(coalition_id=coalition.id, agent_id=agent_id)
+        member_left.send(sender=Coalition, coalition=coalition, agent_id=agent_id)
 
 
 def coalition_set_status(*, tenant: Tenant, coalition_id: uuid.UUID, status: str) -> Coalition:
@@ -257,5 +255,28 @@ def coalition_set_status(*, tenant: Tenant, coalition_id: uuid.UUID, status: str
             coalition.dissolved_at = timezone.now()
             fields.append("dissolved_at")
         coalition.save(update_fields=fields)
-        realtime.publish_status_changed(coalition)
+        coalition_status_changed.send(sender=Coalition, coalition=coalition)
     return coalition
+
+
+def coalition_members_sync(
+    *,
+    tenant: Tenant,
+    coalition_id: uuid.UUID,
+    update: Iterable[dict] = (),
+    remove: Iterable = (),
+    add: Iterable[dict] = (),
+) -> list[CoalitionMember]:
+    """Apply a members form in one transaction, all or none: `update` dicts of
+    coalition_member_update's arguments (agent_id, role, contribution_score), then the
+    `remove`d agent ids, then `add` dicts of coalition_add_member's (removals first, so an
+    agent removed and added again in one save works). Returns the new members."""
+    with transaction.atomic():
+        for edits in update:
+            coalition_member_update(tenant=tenant, coalition_id=coalition_id, **edits)
+        for agent_id in remove:
+            coalition_remove_member(tenant=tenant, coalition_id=coalition_id, agent_id=agent_id)
+        return [
+            coalition_add_member(tenant=tenant, coalition_id=coalition_id, **member)
+            for member in add
+        ]

@@ -18,12 +18,12 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from agents.data_keys import check_master_keys  # noqa: E402
-from agents.routing import websocket_urlpatterns  # noqa: E402
-from agents.ws_auth import (  # noqa: E402
+from realtime.auth import (  # noqa: E402
     RealtimeAuthStack,
     RealtimeOriginValidator,
     redact_tokens_in_server_logs,
 )
+from realtime.routing import websocket_urlpatterns  # noqa: E402
 
 # A wrong master key is a start-up error, not a failure on the first page that reads a
 # belief. (Raises ImproperlyConfigured; a database that is not up yet is not checked.)

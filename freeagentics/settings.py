@@ -154,15 +154,6 @@ CACHES = {
         },
     }
 }
-CHANNEL_LAYERS = {
-    "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {
-            "hosts": [REDIS_URL],
-            "prefix": os.environ.get("CHANNEL_PREFIX", "asgi"),
-        },
-    }
-}
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -176,6 +167,7 @@ INSTALLED_APPS = [
     "agents",
     "coalitions",
     "metrics",
+    "realtime",
     "backups",
 ]
 
@@ -354,7 +346,7 @@ METRICS_CHART_TIMEOUT_MS = env_int("METRICS_CHART_TIMEOUT_MS", 2_000)
 # --- end Metrics (InfluxDB) ---
 
 # --- Realtime ---
-# Websocket updates (agents.realtime, agents.consumers); README "Real-time updates".
+# Websocket updates (the realtime app); README "Real-time updates".
 # Origins a browser may open websockets from; empty means ALLOWED_HOSTS. A handshake
 # without an Origin header (non-browser clients) is not checked.
 WS_ALLOWED_ORIGINS = env_list("WS_ALLOWED_ORIGINS")
@@ -384,19 +376,26 @@ REALTIME_PUBLISH_BACKLOG = env_int("REALTIME_PUBLISH_BACKLOG", 10_000)
 # redis-py 8 times socket reads out after 5 s by default, exactly channels-redis' BZPOPMIN
 # wait, so idle consumers crashed every ~5 s (channels_redis#422). Keep a timeout (a dead
 # connection must not hang forever), but above the 5 s blocking pop.
-CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [
+_CHANNEL_HOSTS = [
     {"address": REDIS_URL, "socket_timeout": env_int("CHANNEL_LAYER_SOCKET_TIMEOUT", 15)}
 ]
-# A crashed process's memberships lapse after three missed refreshes.
-CHANNEL_LAYERS["default"]["CONFIG"]["group_expiry"] = 3 * WS_GROUP_REFRESH_SECONDS
-# Agent update batches travel on channels-redis' pub/sub layer: one PUBLISH per batch,
-# pushed to the subscribed server processes. Pub/sub ignores the Redis database number,
-# so deployments sharing a Redis server need distinct CHANNEL_PREFIX values.
-CHANNEL_LAYERS["realtime"] = {
-    "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-    "CONFIG": {
-        "hosts": CHANNEL_LAYERS["default"]["CONFIG"]["hosts"],
-        "prefix": CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] + ".realtime.",
+_CHANNEL_PREFIX = os.environ.get("CHANNEL_PREFIX", "asgi")
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {
+            "hosts": _CHANNEL_HOSTS,
+            "prefix": _CHANNEL_PREFIX,
+            # A crashed process's memberships lapse after three missed refreshes.
+            "group_expiry": 3 * WS_GROUP_REFRESH_SECONDS,
+        },
+    },
+    # Agent update batches travel on channels-redis' pub/sub layer: one PUBLISH per
+    # batch, pushed to the subscribed server processes. Pub/sub ignores the Redis
+    # database number, so deployments sharing a Redis server need distinct CHANNEL_PREFIX.
+    "realtime": {
+        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+        "CONFIG": {"hosts": _CHANNEL_HOSTS, "prefix": _CHANNEL_PREFIX + ".realtime."},
     },
 }
 # "default" sends them through the core layer instead (measured in BENCH-realtime.md).

@@ -15,6 +15,7 @@ variable to fix.
 """
 
 import atexit
+import contextlib
 import json
 import re
 import threading
@@ -181,7 +182,7 @@ def write_lines(body: bytes, *, config: Config | None = None) -> None:
     or ImproperlyConfigured (see the module docstring)."""
     config = config or load_config()
     client, write_api = _client(config)
-    try:
+    with _errors_translated(config, "/api/v2/write" if config.api == "v2" else "/write"):
         if config.api == "v2":
             write_api.write(
                 bucket=config.bucket,
@@ -201,10 +202,6 @@ def write_lines(body: bytes, *, config: Config | None = None) -> None:
                 body=body,
                 _return_http_data_only=True,
             )
-    except _lib().ApiException as e:
-        raise _translate(e, config, "/api/v2/write" if config.api == "v2" else "/write") from e
-    except (urllib3.exceptions.HTTPError, OSError) as e:
-        raise _unreachable(config, e) from e
 
 
 def query_influxql(query: str, *, config: Config | None = None) -> list[dict]:
@@ -216,7 +213,7 @@ def query_influxql(query: str, *, config: Config | None = None) -> list[dict]:
     params = {"db": config.database, "q": query, "epoch": "s"}
     if config.retention_policy:
         params["rp"] = config.retention_policy
-    try:
+    with _errors_translated(config, "/query"):
         response = client.api_client.call_api(
             "/query",
             "GET",
@@ -225,11 +222,8 @@ def query_influxql(query: str, *, config: Config | None = None) -> list[dict]:
             _preload_content=False,
             _return_http_data_only=True,
         )
+    try:
         payload = json.loads(response.data)
-    except _lib().ApiException as e:
-        raise _translate(e, config, "/query") from e
-    except (urllib3.exceptions.HTTPError, OSError) as e:
-        raise _unreachable(config, e) from e
     except ValueError as e:
         raise InfluxDBQueryError(f"InfluxDB at {config.url} answered /query with non-JSON") from e
     if payload.get("error"):
@@ -250,12 +244,8 @@ def query_flux(query: str, params: dict, *, config: Config | None = None) -> lis
     records as dicts with _time, _field and _value."""
     config = config or load_config()
     client, _ = _client(config)
-    try:
+    with _errors_translated(config, "/api/v2/query"):
         tables = client.query_api().query(query, org=config.org or None, params=params)
-    except _lib().ApiException as e:
-        raise _translate(e, config, "/api/v2/query") from e
-    except (urllib3.exceptions.HTTPError, OSError) as e:
-        raise _unreachable(config, e) from e
     return flux_records(tables)
 
 
@@ -270,13 +260,20 @@ def ping(*, timeout_ms: int | None = None) -> str:
     InfluxDBUnavailable otherwise."""
     config = load_config(timeout_ms=timeout_ms)
     client, _ = _client(config)
-    try:
+    with _errors_translated(config, "/ping"):
         _, _, headers = client.api_client.call_api("/ping", "GET", _preload_content=False)
+    return headers.get("X-Influxdb-Version", "unknown")
+
+
+@contextlib.contextmanager
+def _errors_translated(config: Config, path: str):
+    """The one translation of influxdb-client's and urllib3's errors (module docstring)."""
+    try:
+        yield
     except _lib().ApiException as e:
-        raise _translate(e, config, "/ping") from e
+        raise _translate(e, config, path) from e
     except (urllib3.exceptions.HTTPError, OSError) as e:
         raise _unreachable(config, e) from e
-    return headers.get("X-Influxdb-Version", "unknown")
 
 
 def _unreachable(config: Config, error: Exception) -> InfluxDBUnavailable:

@@ -9,8 +9,6 @@ overwrites the same point instead of adding a second one.
 import datetime
 import math
 import uuid
-from collections import defaultdict
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -44,34 +42,6 @@ def float_field(value) -> str | None:
     return repr(number) if math.isfinite(number) else None
 
 
-def belief_stats(arrays: Sequence[np.ndarray]) -> list[tuple[float, float, float] | None]:
-    """(entropy, max, variance) per array, None for an empty one. Arrays of equal size
-    are stacked and computed together: one numpy call per batch instead of per agent.
-    The entropy matches agents.beliefs.belief_entropy (normalised, nats)."""
-    results: list[tuple[float, float, float] | None] = [None] * len(arrays)
-    groups: dict[int, list[int]] = defaultdict(list)
-    flats = []
-    for index, array in enumerate(arrays):
-        flat = np.asarray(array, dtype=np.float64).ravel()
-        flats.append(flat)
-        if flat.size:
-            groups[flat.size].append(index)
-    for indices in groups.values():
-        matrix = np.stack([flats[i] for i in indices])
-        positive = np.where(matrix > 0, matrix, 0.0)
-        totals = positive.sum(axis=1)
-        p = positive / np.where(totals > 0, totals, 1.0)[:, None]
-        logs = np.log(p, out=np.zeros_like(p), where=p > 0)
-        entropies = np.where(totals > 0, -(p * logs).sum(axis=1), 0.0)
-        maxima = matrix.max(axis=1)
-        variances = matrix.var(axis=1)
-        for i, entropy, maximum, variance in zip(
-            indices, entropies.tolist(), maxima.tolist(), variances.tolist(), strict=True
-        ):
-            results[i] = (entropy, maximum, variance)
-    return results
-
-
 def stats_fields(stats: tuple[float, float, float]) -> str:
     """belief_entropy, max_belief and belief_variance fields; non-finite ones left out."""
     entropy, maximum, variance = stats
@@ -93,6 +63,30 @@ def dimension_fields(array: np.ndarray) -> str:
     )
 
 
+def agent_fields(
+    *, free_energy=None, stats_text=None, energy_level=None, dimensions_text=None
+) -> list[str]:
+    """The field texts of an agent_beliefs line; NaN and infinities are left out."""
+    fields = []
+    if free_energy is not None and (value := float_field(free_energy)) is not None:
+        fields.append("free_energy=" + value)
+    if stats_text:
+        fields.append(stats_text)
+    if energy_level is not None:
+        fields.append(f"energy_level={int(energy_level)}i")
+    if dimensions_text:
+        fields.append(dimensions_text)
+    return fields
+
+
+def agent_line_of(agent_tag: str, tenant_tag: str, fields: list[str], time_ns: int) -> str | None:
+    """An agent_beliefs line from escaped tags and field texts; None without fields."""
+    if not fields:
+        return None
+    series = f"{AGENT_MEASUREMENT},agent_id={agent_tag},tenant_id={tenant_tag}"
+    return f"{series} {','.join(fields)} {time_ns}"
+
+
 def agent_line(
     *,
     agent_id,
@@ -104,21 +98,13 @@ def agent_line(
     dimensions: np.ndarray | None = None,
 ) -> str | None:
     """One agent_beliefs line, or None when no field has a finite value."""
-    fields = []
-    if free_energy is not None and (value := float_field(free_energy)) is not None:
-        fields.append(f"free_energy={value}")
-    if stats is not None and (text := stats_fields(stats)):
-        fields.append(text)
-    if energy_level is not None:
-        fields.append(f"energy_level={int(energy_level)}i")
-    if dimensions is not None and (text := dimension_fields(dimensions)):
-        fields.append(text)
-    if not fields:
-        return None
-    return (
-        f"{AGENT_MEASUREMENT},agent_id={tag(agent_id)},tenant_id={tag(tenant_id)} "
-        f"{','.join(fields)} {time_ns}"
+    fields = agent_fields(
+        free_energy=free_energy,
+        stats_text=None if stats is None else stats_fields(stats),
+        energy_level=energy_level,
+        dimensions_text=None if dimensions is None else dimension_fields(dimensions),
     )
+    return agent_line_of(tag(agent_id), tag(tenant_id), fields, time_ns)
 
 
 def coalition_line(

@@ -28,6 +28,7 @@ from django.core.exceptions import ValidationError
 from django.db import DatabaseError, connection, transaction
 from django.db.models.functions import Now
 
+from agents.beliefs import belief_stats
 from agents.types import AgentState, AgentStateUpdate
 from freeagentics.db import server_binding_cursor
 from freeagentics.log_summary import SummaryLog
@@ -153,35 +154,31 @@ def _dimensions_allowed(size: int) -> bool:
 def _agent_lines(
     states: Sequence[AgentState], free_energies: Sequence, beliefs: Sequence
 ) -> list[str]:
-    # points.agent_line, unrolled: this runs for every state of every batch.
+    # Per batch: statistics in one numpy pass, each tenant's tag escaped once.
     with_beliefs = [i for i, b in enumerate(beliefs) if b is not None]
-    stats = points.belief_stats([beliefs[i] for i in with_beliefs])
+    stats = belief_stats([beliefs[i] for i in with_beliefs])
     stats_text = {i: points.stats_fields(s) for i, s in zip(with_beliefs, stats, strict=True)}
     dimensions = settings.METRICS_BELIEF_DIMENSIONS
     tenant_tags: dict = {}
     lines = []
     for i, state in enumerate(states):
-        fields = []
-        free_energy = free_energies[i]
-        if free_energy is not None and (value := points.float_field(free_energy)) is not None:
-            fields.append("free_energy=" + value)
-        if text := stats_text.get(i):
-            fields.append(text)
-        fields.append(f"energy_level={state.energy_level}i")
         array = beliefs[i]
-        if (
-            dimensions
-            and array is not None
-            and _dimensions_allowed(array.size)
-            and (text := points.dimension_fields(array))
-        ):
-            fields.append(text)
+        dimensions_text = None
+        if dimensions and array is not None and _dimensions_allowed(array.size):
+            dimensions_text = points.dimension_fields(array)
         tenant = tenant_tags.get(state.tenant_id)
         if tenant is None:
             tenant = tenant_tags[state.tenant_id] = points.tag(state.tenant_id)
+        fields = points.agent_fields(
+            free_energy=free_energies[i],
+            stats_text=stats_text.get(i),
+            energy_level=state.energy_level,
+            dimensions_text=dimensions_text,
+        )
         lines.append(
-            f"{points.AGENT_MEASUREMENT},agent_id={points.tag(state.id)},tenant_id={tenant} "
-            f"{','.join(fields)} {points.timestamp_ns(state.updated_at)}"
+            points.agent_line_of(
+                points.tag(state.id), tenant, fields, points.timestamp_ns(state.updated_at)
+            )
         )
     return lines
 
@@ -224,7 +221,7 @@ def record_agent_belief_update(*, agent, beliefs, free_energy) -> None:
     if not settings.METRICS_RECORD:
         return
     array = None if beliefs is None else np.asarray(beliefs, dtype=np.float64)
-    stats = points.belief_stats([array])[0] if array is not None else None
+    stats = belief_stats([array])[0] if array is not None else None
     line = points.agent_line(
         agent_id=agent.id,
         tenant_id=agent.tenant_id,

@@ -1,8 +1,8 @@
 import pytest
 from django.contrib.admin.models import LogEntry
 
-from agents.api_tokens import api_token_authenticate
 from agents.models import ApiToken
+from realtime.tokens import api_token_authenticate
 
 pytestmark = pytest.mark.django_db
 

@@ -315,3 +315,35 @@ def test_cache_entry_under_a_removed_key_falls_back_to_postgres(tenant, settings
     call_command("rotate_encryption_keys", stdout=StringIO(), stderr=StringIO())
     settings.FREEAGENTICS_ENCRYPTION_KEYS = [new_key]
     assert np.array_equal(get_agent(tenant=tenant, agent_id=agent.id).beliefs, np.arange(3.0))
+
+
+def test_agents_set_status_changes_only_what_differs_all_or_none(tenant, other_tenant):
+    from agents.services import agents_set_status
+
+    a = factories.make_agent(tenant, status="active")
+    b = factories.make_agent(tenant, status="inactive")
+    theirs = factories.make_agent(other_tenant, status="inactive")
+    assert agents_set_status(tenant=tenant, agent_ids=[a.pk, b.pk], status="active") == [b.pk]
+    assert Agent.objects.get(pk=b.pk).status == "active"
+    # Another tenant's agent is not found: nothing of the batch is written.
+    with pytest.raises(ValidationError) as caught:
+        agents_set_status(tenant=tenant, agent_ids=[a.pk, theirs.pk], status="suspended")
+    assert "agent_id" in caught.value.message_dict
+    assert Agent.objects.get(pk=a.pk).status == "active"
+    assert Agent.objects.get(pk=theirs.pk).status == "inactive"
+    with pytest.raises(ValidationError) as caught:
+        agents_set_status(tenant=tenant, agent_ids=[a.pk], status="zombie")
+    assert "status" in caught.value.message_dict
+
+
+def test_agents_delete_is_all_or_none(tenant, other_tenant):
+    from agents.services import agents_delete
+
+    mine = [factories.make_agent(tenant) for _ in range(2)]
+    theirs = factories.make_agent(other_tenant)
+    with pytest.raises(ValidationError):
+        agents_delete(tenant=tenant, agent_ids=[mine[0].pk, theirs.pk])
+    assert Agent.objects.filter(pk__in=[a.pk for a in mine]).count() == 2
+    assert agents_delete(tenant=tenant, agent_ids=[a.pk for a in mine]) == 2
+    assert not Agent.objects.filter(pk__in=[a.pk for a in mine]).exists()
+    assert Agent.objects.filter(pk=theirs.pk).exists()

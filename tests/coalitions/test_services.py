@@ -282,3 +282,31 @@ def test_member_role_and_score_can_change(tenant):
         coalition_member_update(
             tenant=tenant, coalition_id=coalition.id, agent_id=uuid.uuid4(), role="x"
         )
+
+
+def test_members_sync_applies_a_whole_form_or_nothing(tenant):
+    from coalitions.services import coalition_members_sync
+
+    coalition = factories.make_coalition(tenant)
+    kept, leaving, joining = (factories.make_agent(tenant) for _ in range(3))
+    CoalitionMember.objects.create(coalition=coalition, agent=kept, role="a")
+    CoalitionMember.objects.create(coalition=coalition, agent=leaving, role="b")
+    added = coalition_members_sync(
+        tenant=tenant,
+        coalition_id=coalition.pk,
+        update=[{"agent_id": kept.pk, "role": "lead"}],
+        remove=[leaving.pk],
+        add=[{"agent_id": joining.pk, "role": "new", "contribution_score": 1}],
+    )
+    assert [m.agent_id for m in added] == [joining.pk]
+    roles = dict(coalition.memberships.values_list("agent_id", "role"))
+    assert roles == {kept.pk: "lead", joining.pk: "new"}
+    # One refused part (a second add of a member) and nothing of the form is written.
+    with pytest.raises(ValidationError):
+        coalition_members_sync(
+            tenant=tenant,
+            coalition_id=coalition.pk,
+            update=[{"agent_id": kept.pk, "role": "changed"}],
+            add=[{"agent_id": joining.pk, "role": "again", "contribution_score": 0}],
+        )
+    assert dict(coalition.memberships.values_list("agent_id", "role")) == roles

@@ -13,6 +13,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import CommandError, call_command
 from django.db import connection, connections, transaction
 
+from agents.beliefs import belief_stats
 from agents.services import agents_update_states
 from agents.types import AgentStateUpdate
 from metrics import points
@@ -73,7 +74,7 @@ def test_flushed_points_are_read_back_with_influxql(tenant, influxd, influx_v1):
         points.timestamp_ns(second[0].updated_at),
     ]
     assert [(r["free_energy"], r["energy_level"]) for r in rows] == [(1.0, 10), (2.0, 20)]
-    assert rows[0]["belief_entropy"] == pytest.approx(points.belief_stats([first[0].beliefs])[0][0])
+    assert rows[0]["belief_entropy"] == pytest.approx(belief_stats([first[0].beliefs])[0][0])
 
 
 @pytest.mark.django_db

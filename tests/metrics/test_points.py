@@ -4,7 +4,7 @@ import uuid
 import numpy as np
 import pytest
 
-from agents.beliefs import belief_entropy
+from agents.beliefs import belief_entropy, belief_stats
 from metrics import points
 
 AGENT = uuid.UUID("00000000-0000-0000-0000-0000000000a1")
@@ -27,7 +27,7 @@ def test_belief_stats_match_the_admin_summary_for_mixed_sizes():
         np.array([]),
         rng.dirichlet(np.ones(8)),
     ]
-    stats = points.belief_stats(arrays)
+    stats = belief_stats(arrays)
     assert stats[5] is None
     for array, result in zip(arrays, stats, strict=True):
         if array.size == 0:

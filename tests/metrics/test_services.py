@@ -9,6 +9,7 @@ from django.core.management import CommandError, call_command
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
+from agents.beliefs import belief_stats
 from agents.services import agent_adjust_energy, agents_update_states
 from agents.types import AgentStateUpdate
 from coalitions.services import coalition_add_member, coalition_remove_member
@@ -55,9 +56,7 @@ def test_agent_updates_queue_one_point_each_with_the_state_timestamp(tenant):
         assert line.endswith(f" {points.timestamp_ns(state.updated_at)}")
         fields = _fields(line)
         assert fields["free_energy"] == "1.5"
-        assert float(fields["belief_entropy"]) == pytest.approx(
-            points.belief_stats([state.beliefs])[0][0]
-        )
+        assert float(fields["belief_entropy"]) == pytest.approx(belief_stats([state.beliefs])[0][0])
         assert fields["energy_level"] == f"{state.energy_level}i"
 
 

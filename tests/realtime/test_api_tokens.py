@@ -4,7 +4,8 @@ import pytest
 from django.core.exceptions import ValidationError
 from django.utils import timezone
 
-from agents.api_tokens import (
+from agents.models import ApiToken
+from realtime.tokens import (
     LAST_USED_RESOLUTION,
     NAME_REQUIRED,
     TOKEN_INVALID,
@@ -14,7 +15,6 @@ from agents.api_tokens import (
     api_tokens_active,
     hash_token,
 )
-from agents.models import ApiToken
 
 pytestmark = pytest.mark.django_db
 

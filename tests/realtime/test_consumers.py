@@ -8,8 +8,12 @@ import pytest
 from django.contrib.auth.models import Permission, User
 from django.db import transaction
 
-from agents.api_tokens import api_token_revoke
-from agents.consumers import (
+from agents.models import ApiToken, OperatorMembership
+from agents.services import agent_update_state, agents_update_states
+from agents.types import AgentStateUpdate
+from coalitions.services import coalition_add_member, coalition_remove_member, coalition_set_status
+from realtime.auth import SUBPROTOCOL
+from realtime.consumers import (
     AGENT_NOT_FOUND,
     AGENTS_NOT_FOUND,
     BELIEFS_FORBIDDEN,
@@ -18,17 +22,13 @@ from agents.consumers import (
     NOT_AN_OBJECT,
     AgentConsumer,
 )
-from agents.models import ApiToken, OperatorMembership
-from agents.realtime import (
+from realtime.protocol import (
     CLOSE_BAD_REQUEST,
     CLOSE_FORBIDDEN,
     CLOSE_NOT_FOUND,
     CLOSE_UNAUTHENTICATED,
 )
-from agents.services import agent_update_state, agents_update_states
-from agents.types import AgentStateUpdate
-from agents.ws_auth import SUBPROTOCOL
-from coalitions.services import coalition_add_member, coalition_remove_member, coalition_set_status
+from realtime.tokens import api_token_revoke
 from tests import factories
 from tests.realtime.helpers import (
     bearer,

@@ -27,18 +27,20 @@ from django.db import connection
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from agents import realtime
-from agents.consumers import (
+import realtime.publisher
+from agents.services import agent_update_state
+from agents.types import AgentStateUpdate
+from coalitions.services import coalition_set_status
+from realtime.coalition_events import coalition_group
+from realtime.consumers import (
     AGENT_IDS_INVALID,
     FRAME_TOO_DEEP,
     MALFORMED_JSON,
     TOO_MANY_SUBSCRIPTIONS,
 )
-from agents.realtime import CLOSE_BAD_REQUEST, CLOSE_TOO_BIG, Publisher
-from agents.services import agent_update_state
-from agents.types import AgentStateUpdate
-from coalitions.realtime import coalition_group
-from coalitions.services import coalition_set_status
+from realtime.logs import problems
+from realtime.protocol import CLOSE_BAD_REQUEST, CLOSE_TOO_BIG, tenant_group, token_group
+from realtime.publisher import Publisher
 from tests import factories
 from tests.realtime import helpers
 from tests.realtime.helpers import ROOT, TIMEOUT, bearer, communicator, db, next_json, server_env
@@ -190,7 +192,7 @@ async def test_a_thousand_hostile_connections_leave_no_residue(start_server, ten
         assert (await recv_json(watcher))["id"] == "after"
     after = rss(server)
     assert await eventually(lambda: subscriptions(r, server.process.pid) == 0)
-    assert await eventually(lambda: left(r, realtime.token_group(token[0].id)))
+    assert await eventually(lambda: left(r, token_group(token[0].id)))
     assert after - baseline < 50 * MiB, (baseline, after)
     log = server.log()
     assert "Websocket consumer failed" not in log
@@ -289,7 +291,7 @@ async def test_five_hundred_sockets_closing_together_leave_their_groups(
             return ws
 
     sockets = await asyncio.gather(*(open_one(i) for i in range(500)))
-    groups = (realtime.token_group(token[0].id), coalition_group(coalition.id))
+    groups = (token_group(token[0].id), coalition_group(coalition.id))
     assert [r.zcard(group_key(g)) for g in groups] == [500, 250]
     idle = len(redis_ports(server.process.pid))
 
@@ -373,9 +375,9 @@ def test_a_stalled_redis_fills_the_publisher_backlog_and_new_updates_are_dropped
     }
     settings.REALTIME_PUBLISH_BACKLOG = 3
     stalled = Publisher()
-    monkeypatch.setattr(realtime, "publisher", stalled)
+    monkeypatch.setattr(realtime.publisher, "publisher", stalled)
     agent = factories.make_agent(tenant)
-    realtime.problems.flush()
+    problems.flush()
     writes = 10
 
     def write() -> None:
@@ -386,13 +388,13 @@ def test_a_stalled_redis_fills_the_publisher_backlog_and_new_updates_are_dropped
         finally:
             connection.close()
 
-    with caplog.at_level(logging.INFO, logger="agents.realtime"):
+    with caplog.at_level(logging.INFO, logger="realtime"):
         writer = threading.Thread(target=write, daemon=True)
         writer.start()
         # Every write commits and returns although Redis never answers.
         writer.join(SHUTDOWN_TIMEOUT)
         assert not writer.is_alive()
-        realtime.problems.flush()
+        problems.flush()
         # Redis answers again: the jobs held are sent, none is left behind.
         resume()
         assert stalled.flush(SHUTDOWN_TIMEOUT)
@@ -443,10 +445,10 @@ async def test_group_memberships_are_renewed_every_refresh_period(
         for socket_ in (ws, coalition_ws):
             await socket_.send('{"action":"ping"}')
             await recv_json(socket_)
-        groups = [realtime.token_group(token[0].id), coalition_group(coalition.id)]
+        groups = [token_group(token[0].id), coalition_group(coalition.id)]
         if layer == "default":
             # On the core layer the hub's tenant group lives in Redis too.
-            groups.append(realtime.tenant_group(tenant.id))
+            groups.append(tenant_group(tenant.id))
         keys = [group_key(g) for g in groups]
         joined = {key: dict(r.zrange(key, 0, -1, withscores=True)) for key in keys}
         # Both connections share the token's group; one hub, one coalition watcher.

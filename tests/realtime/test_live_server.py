@@ -11,12 +11,12 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from agents.api_tokens import api_token_revoke
-from agents.consumers import MALFORMED_JSON
-from agents.realtime import CLOSE_NOT_FOUND, CLOSE_UNAUTHENTICATED
 from agents.services import agent_update_state
 from agents.types import AgentStateUpdate
-from agents.ws_auth import SUBPROTOCOL
+from realtime.auth import SUBPROTOCOL
+from realtime.consumers import MALFORMED_JSON
+from realtime.protocol import CLOSE_NOT_FOUND, CLOSE_UNAUTHENTICATED
+from realtime.tokens import api_token_revoke
 from tests import factories
 from tests.realtime.helpers import TIMEOUT, db
 

@@ -12,13 +12,6 @@ from django.conf import settings
 from django.db import transaction
 
 from agents.encryption import decrypt_array
-from agents.realtime import (
-    BATCH,
-    EVENT_CREATED,
-    EVENT_DELETED,
-    EVENT_UPDATED,
-    tenant_group,
-)
 from agents.services import (
     AgentSpec,
     agent_adjust_energy,
@@ -28,6 +21,7 @@ from agents.services import (
     agents_update_states,
 )
 from agents.types import AgentStateUpdate
+from realtime.protocol import BATCH, EVENT_CREATED, EVENT_DELETED, EVENT_UPDATED, tenant_group
 from tests import factories
 from tests.realtime.helpers import ROOT, TIMEOUT, db, server_env
 

@@ -16,8 +16,8 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from agents import realtime
 from agents.models import ApiToken, Tenant
+from realtime.publisher import publish_token_revoked
 
 TOKEN_INVALID = "token: unknown or revoked API token."
 NAME_REQUIRED = "name: must be a non-empty string of at most 100 characters."
@@ -69,7 +69,7 @@ def api_token_revoke(*, token: ApiToken) -> ApiToken:
         )
         token.refresh_from_db(fields=["revoked_at"])
         if changed:
-            realtime.publish_token_revoked(token.pk)
+            publish_token_revoked(token.pk)
     return token
 
 

@@ -2,8 +2,8 @@
 
 from django.urls import path, re_path
 
-from agents.consumers import AgentConsumer, unknown_path
-from coalitions.consumers import CoalitionConsumer
+from realtime.coalition_consumers import CoalitionConsumer
+from realtime.consumers import AgentConsumer, unknown_path
 
 websocket_urlpatterns = [
     path("ws/agents/", AgentConsumer.as_asgi()),

@@ -1,7 +1,7 @@
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
-from agents.demo import demo_load
+from coalitions.demo import demo_load
 
 
 class Command(BaseCommand):

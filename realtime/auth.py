@@ -23,15 +23,15 @@ from channels.security.websocket import OriginValidator
 from django.conf import settings
 from django.core.exceptions import ValidationError
 
-from agents.api_tokens import api_token_authenticate
 from agents.models import OperatorMembership, Tenant
-from agents.realtime import (
+from realtime.logs import refusals
+from realtime.protocol import (
     CLOSE_BAD_REQUEST,
     CLOSE_FORBIDDEN,
     CLOSE_NOT_FOUND,
     CLOSE_UNAUTHENTICATED,
-    refusals,
 )
+from realtime.tokens import api_token_authenticate
 
 SUBPROTOCOL = "freeagentics.v1"
 TOKEN_SUBPROTOCOL_PREFIX = "bearer."
@@ -179,7 +179,7 @@ def allowed_origins() -> list[str]:
 async def deny_handshake(scope, receive, send):
     """Refuse the handshake (uvicorn answers HTTP 403) and return. channels' own
     WebsocketDenier starts a channel-layer receive first, whose cancellation could be
-    lost: the task then held uvicorn's shutdown for ever (agents.consumers docstring)."""
+    lost: the task then held uvicorn's shutdown for ever (realtime.consumers docstring)."""
     message = await receive()
     if message["type"] == "websocket.connect":
         await send({"type": "websocket.close"})

@@ -1,6 +1,6 @@
 """Websocket endpoints for agent updates, and the base every real-time endpoint shares.
 
-Consumers stay thin: ws_auth decides who is connecting, agents.realtime's Hub decides
+Consumers stay thin: realtime.auth decides who is connecting, realtime.hub's Hub decides
 which frames reach them. What lives here is per connection: the bounded outbound queue
 and the JSON protocol (README "Real-time updates").
 
@@ -42,22 +42,20 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.exceptions import ValidationError
 
-from agents import realtime
-from agents.api_tokens import api_tokens_active
-from agents.realtime import (
+from agents.selectors import agent_tenants
+from realtime.auth import SERVER_SEND, SUBPROTOCOL, Principal, query_param
+from realtime.hub import FULL_BELIEFS, SHAPE_ONLY, STATISTICS, Routes, hub
+from realtime.logs import problems, refusals
+from realtime.protocol import (
     CLOSE_BAD_REQUEST,
     CLOSE_FORBIDDEN,
     CLOSE_NOT_FOUND,
     CLOSE_SERVER_ERROR,
     CLOSE_TOO_BIG,
     CLOSE_UNAUTHENTICATED,
-    FULL_BELIEFS,
-    SHAPE_ONLY,
-    STATISTICS,
-    problems,
-    refusals,
+    token_group,
 )
-from agents.ws_auth import SERVER_SEND, SUBPROTOCOL, Principal, query_param
+from realtime.tokens import api_tokens_active
 
 # Error frames ({"type": "error", "code", "message", "id"}) and close reasons.
 BINARY_FRAME = "Binary frames are not supported; send JSON text."
@@ -274,10 +272,10 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             if self.principal.refusal is not None:
                 raise Refusal(self.principal.refusal, self.principal.reason)
             self.token_id = self.principal.token_id
-            await realtime.hub().join(self)
+            await hub().join(self)
             self._open = True
             if self.token_id is not None:
-                await self.join_group(realtime.token_group(self.token_id))
+                await self.join_group(token_group(self.token_id))
                 # A revocation committed before we joined the group was announced to nobody.
                 if not await database_sync_to_async(api_tokens_active)([self.token_id]):
                     raise Refusal(CLOSE_UNAUTHENTICATED, TOKEN_REVOKED)
@@ -316,7 +314,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         try:
             await self.close_routes()
             for group in self._joined:
-                async with realtime.hub().layer_slots:
+                async with hub().layer_slots:
                     await self.channel_layer.group_discard(group, self.channel_name)
         except Exception as e:
             # Memberships expire on their own (channels-redis group_expiry).
@@ -326,7 +324,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 e,
             )
         finally:
-            await realtime.hub().leave(self)
+            await hub().leave(self)
 
     async def close_with(self, code: int, reason: str) -> None:
         if self._done:
@@ -340,13 +338,13 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await self.close(code=code, reason=close_reason(reason))
 
     async def join_group(self, group: str) -> None:
-        async with realtime.hub().layer_slots:
+        async with hub().layer_slots:
             await self.channel_layer.group_add(group, self.channel_name)
         self._joined.append(group)
 
     async def refresh_groups(self) -> None:
         for group in self._joined:
-            async with realtime.hub().layer_slots:
+            async with hub().layer_slots:
                 await self.channel_layer.group_add(group, self.channel_name)
 
     # Channel-layer events ---------------------------------------------------------
@@ -495,7 +493,7 @@ class AgentConsumer(RealtimeConsumer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.routes: realtime.Routes | None = None
+        self.routes: Routes | None = None
         self.tenant_id: str = ""
         self.all = False
         self.all_beliefs = False
@@ -523,7 +521,7 @@ class AgentConsumer(RealtimeConsumer):
         if path_id is not None:
             agent_id = await self._path_agent(path_id)
         self.tenant_id = str(self.principal.tenant_id)
-        self.routes = await realtime.hub().watch(self.tenant_id, self)
+        self.routes = await hub().watch(self.tenant_id, self)
         if agent_id is None:
             self._watch_all(beliefs)
         else:
@@ -534,7 +532,7 @@ class AgentConsumer(RealtimeConsumer):
             agent_id = uuid.UUID(path_id)
         except ValueError:
             raise Refusal(CLOSE_NOT_FOUND, AGENT_NOT_FOUND.format(agent_id=path_id)) from None
-        owners = await database_sync_to_async(realtime.agent_tenants)([agent_id])
+        owners = await database_sync_to_async(agent_tenants)([agent_id])
         if owners.get(agent_id) != self.principal.tenant_id:
             raise Refusal(CLOSE_NOT_FOUND, AGENT_NOT_FOUND.format(agent_id=agent_id))
         return str(agent_id)
@@ -553,7 +551,7 @@ class AgentConsumer(RealtimeConsumer):
             return
         for agent_id in self.agents:
             self.routes.discard_agent(agent_id, self)
-        await realtime.hub().unwatch(self.tenant_id, self)
+        await hub().unwatch(self.tenant_id, self)
         self.routes = None
 
     async def action_subscribe(self, content):
@@ -570,7 +568,7 @@ class AgentConsumer(RealtimeConsumer):
                 TOO_MANY_SUBSCRIPTIONS.format(limit=limit), code=CLOSE_BAD_REQUEST
             )
         if ids:
-            owners = await database_sync_to_async(realtime.agent_tenants)(ids)
+            owners = await database_sync_to_async(agent_tenants)(ids)
             check_ownership(ids, owners, self.principal.tenant_id)
         if self.routes is None:
             return

@@ -2,13 +2,13 @@
 
 They are rare next to agent updates, so each goes as one channel-layer message to the
 coalition's group `coalition.<coalition_id>`, which the websocket connections of that
-coalition join directly. Published after commit (agents.realtime.publish_frame_on_commit).
+coalition join directly. Published after commit (agents.publish_frame_on_commit).
 """
 
 import uuid
 
-from agents import realtime
 from coalitions.models import Coalition, CoalitionMember
+from realtime.publisher import publish_frame_on_commit
 
 EVENT_MEMBER_JOINED = "coalition.member_joined"
 EVENT_MEMBER_LEFT = "coalition.member_left"
@@ -21,7 +21,7 @@ def coalition_group(coalition_id) -> str:
 
 def _publish(coalition_id, event: str, data: dict) -> None:
     coalition = str(coalition_id)
-    realtime.publish_frame_on_commit(
+    publish_frame_on_commit(
         coalition_group(coalition),
         lambda timestamp: {
             "coalition_id": coalition,

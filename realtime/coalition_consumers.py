@@ -4,9 +4,9 @@ import uuid
 
 from channels.db import database_sync_to_async
 
-from agents.consumers import COALITION_NOT_FOUND, RealtimeConsumer, Refusal
-from agents.realtime import CLOSE_NOT_FOUND
-from coalitions.realtime import coalition_group, coalition_tenant
+from realtime.coalition_events import coalition_group, coalition_tenant
+from realtime.consumers import COALITION_NOT_FOUND, RealtimeConsumer, Refusal
+from realtime.protocol import CLOSE_NOT_FOUND
 
 
 class CoalitionConsumer(RealtimeConsumer):
