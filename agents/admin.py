@@ -14,7 +14,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
-from django.utils import timezone
+from django.utils import formats, timezone
 from django.utils.html import format_html, format_html_join
 
 from agents.admin_scoping import (
@@ -22,6 +22,7 @@ from agents.admin_scoping import (
     TenantScopedInlineMixin,
     csv_response,
     is_unscoped,
+    json_display,
     service_errors_as_form_errors,
 )
 from agents.beliefs import belief_summary
@@ -48,7 +49,7 @@ from agents.services import (
     agents_set_status,
 )
 from agents.svg import hex_map_svg, neighbourhood_svg
-from agents.types import AgentStateUpdate, iso_timestamp
+from agents.types import AgentStateUpdate
 from coalitions.selectors import tenant_overview
 from metrics.charts import agent_metrics_chart
 from realtime.tokens import api_token_create, api_token_revoke
@@ -114,7 +115,15 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     list_display = ["name", "slug", "created_at", "overview_link"]
     search_fields = ["name", "slug"]
     prepopulated_fields = {"slug": ["name"]}
-    readonly_fields = ["created_at", "overview_link"]
+    # The id is the tenant's identity (tokens, keys and exports carry it): shown, never
+    # edited, as on the agent page; a new tenant gets its id when saved.
+    readonly_fields = ["id", "created_at", "overview_link"]
+
+    def get_fields(self, request, obj=None):
+        fields = super().get_fields(request, obj)
+        if obj is None:
+            return [f for f in fields if f != "id"]
+        return ["id", *(f for f in fields if f != "id")]
 
     def get_urls(self):
         # Before the default patterns: their "<path:object_id>/" would swallow this one.
@@ -225,7 +234,9 @@ class AgentAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
         "neighbourhood_map",
         "metrics_chart",
         "latest_history",
+        "personality_traits_view",
     ]
+    json_displays = {"personality_traits": "personality_traits_view"}
 
     def get_readonly_fields(self, request, obj=None):
         return self.change_readonly_fields if obj is not None else []
@@ -312,9 +323,13 @@ class AgentAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
 
     @admin.action(description="Export selected agents as CSV", permissions=["view"])
     def export_csv(self, request, queryset):
-        return csv_response("agents.csv", AGENT_EXPORT_HEADER, agent_export_rows(queryset))
+        return csv_response(request, "agents.csv", AGENT_EXPORT_HEADER, agent_export_rows(queryset))
 
     # Change page -----------------------------------------------------------------------
+
+    @admin.display(description="Personality traits")
+    def personality_traits_view(self, obj):
+        return json_display(obj.personality_traits)
 
     @admin.display(description="Belief state")
     def belief_state_summary(self, obj):
@@ -373,7 +388,9 @@ class AgentAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
             summary = belief_summary(row["beliefs"])
             cells.append(
                 (
-                    iso_timestamp(row["recorded_at"]),
+                    # As the admin shows every other time (DATETIME_FORMAT, the
+                    # current time zone); exports keep ISO 8601.
+                    formats.date_format(timezone.localtime(row["recorded_at"]), "DATETIME_FORMAT"),
                     "—" if row["energy_level"] is None else row["energy_level"],
                     "—" if summary is None else f"{summary['entropy']:.4f}",
                     "—" if summary is None else f"{summary['max']:.4f}",

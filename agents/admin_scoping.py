@@ -7,14 +7,20 @@ CSV exports all start from the scoped get_queryset, so one filter guards them al
 """
 
 import csv
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from itertools import islice
 
+from asgiref.sync import sync_to_async
+from django import forms
 from django.contrib import messages
 from django.core.exceptions import ImproperlyConfigured, ValidationError
+from django.core.handlers.asgi import ASGIRequest
 from django.db import models
 from django.http import Http404, HttpResponseRedirect, StreamingHttpResponse
 from django.urls import reverse
+from django.utils.html import format_html
 from django.utils.http import content_disposition_header
 
 from agents.admin_forms import CheckedAutocompleteSelect, StrictJSONDecoder
@@ -116,8 +122,33 @@ class _Echo:
         return value
 
 
-def csv_response(filename: str, header: list[str], rows: Iterable[Iterable]):
-    """A streamed CSV download; rows are produced while the response is sent."""
+# Rows per hop to the database thread when an export is streamed under ASGI.
+_CSV_BATCH = 500
+
+
+def _next_lines(lines: Iterator[str], size: int) -> str:
+    return "".join(islice(lines, size))
+
+
+def _async_lines(lines: Iterator[str]):
+    """`lines` as an async iterator. Under ASGI, Django serves a synchronous iterator
+    only by reading it whole into memory first (and logs "StreamingHttpResponse must
+    consume synchronous iterators"); here each batch is read in the thread that holds
+    the request's database connection (thread_sensitive), so the export stays streamed
+    and the queryset's cursor stays on its own connection."""
+
+    async def batches():
+        read = sync_to_async(_next_lines, thread_sensitive=True)
+        while chunk := await read(lines, _CSV_BATCH):
+            yield chunk
+
+    return batches()
+
+
+def csv_response(request, filename: str, header: list[str], rows: Iterable[Iterable]):
+    """A streamed CSV download; rows are produced while the response is sent, through an
+    async iterator when the request came in over ASGI (runserver, daphne) and a plain one
+    under WSGI, as Django's StreamingHttpResponse requires of each."""
     writer = csv.writer(_Echo())
 
     def lines():
@@ -125,10 +156,36 @@ def csv_response(filename: str, header: list[str], rows: Iterable[Iterable]):
         for row in rows:
             yield writer.writerow([_csv_cell(v) for v in row])
 
-    response = StreamingHttpResponse(lines(), content_type="text/csv; charset=utf-8")
+    content = _async_lines(lines()) if isinstance(request, ASGIRequest) else lines()
+    response = StreamingHttpResponse(content, content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = content_disposition_header(True, filename)
     response["Cache-Control"] = "no-store"
     return response
+
+
+class ReadableJSONField(forms.JSONField):
+    """A JSON form field that shows an empty value as an empty box, not `null`, and an
+    object indented, one key a line. Parsing is forms.JSONField's: an empty box is None,
+    as the `null` it used to show was, so saving an untouched empty field changes
+    nothing (has_changed compares the parsed values)."""
+
+    def prepare_value(self, value):
+        if value is None:
+            return ""
+        if isinstance(value, forms.fields.InvalidJSONInput):
+            return value
+        return json.dumps(value, ensure_ascii=False, indent=2, cls=self.encoder)
+
+
+def json_display(value):
+    """A JSON value for a read-only admin field: empty (None) as the admin's dash,
+    anything else indented in a <pre> (escaped by format_html). Django's own read-only
+    display prints it as one line of JSON."""
+    if value is None:
+        return "—"
+    return format_html(
+        '<pre class="json-value">{}</pre>', json.dumps(value, ensure_ascii=False, indent=2)
+    )
 
 
 def _owner_id(obj, path: str):
@@ -156,7 +213,13 @@ class TenantScopedInlineMixin:
     by `tenant_path` (the lookup from the inline's model to its Tenant)."""
 
     tenant_path = "tenant"
-    formfield_overrides = {models.JSONField: {"decoder": StrictJSONDecoder}}
+    formfield_overrides = {
+        models.JSONField: {
+            "decoder": StrictJSONDecoder,
+            "form_class": ReadableJSONField,
+            "widget": forms.Textarea(attrs={"rows": 6, "cols": 60, "class": "json-input"}),
+        }
+    }
 
     def get_queryset(self, request):
         return scope_queryset(super().get_queryset(request), request.user, self.tenant_path)
@@ -236,7 +299,37 @@ class TenantScopedAdminMixin(TenantScopedInlineMixin):
 
     # What operators see --------------------------------------------------------------
 
+    # JSON model fields shown through a display method (json_display) wherever they are
+    # read-only: {field name: method name}. The admin lists the method names among its
+    # read-only fields; get_fieldsets puts them in place of the fields.
+    json_displays: dict[str, str] = {}
+
+    def _json_shown_read_only(self, request, obj) -> set[str]:
+        if obj is None or not self.json_displays:
+            return set()
+        if not self.has_change_permission(request, obj):
+            return set(self.json_displays)
+        return set(self.json_displays) & set(self.get_readonly_fields(request, obj))
+
     def get_fieldsets(self, request, obj=None):
+        fieldsets = self._scoped_fieldsets(request, obj)
+        shown = self._json_shown_read_only(request, obj)
+        if not shown:
+            return fieldsets
+        return [
+            (
+                name,
+                {
+                    **options,
+                    "fields": [
+                        self.json_displays.get(f, f) if f in shown else f for f in options["fields"]
+                    ],
+                },
+            )
+            for name, options in fieldsets
+        ]
+
+    def _scoped_fieldsets(self, request, obj=None):
         # add_fieldsets, as auth's UserAdmin has: the add form shows what creation takes.
         add_fieldsets = getattr(self, "add_fieldsets", None)
         if obj is None and add_fieldsets:

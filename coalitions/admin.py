@@ -17,6 +17,7 @@ from agents.admin_scoping import (
     TenantScopedAdminMixin,
     TenantScopedInlineMixin,
     csv_response,
+    json_display,
     service_errors_as_form_errors,
 )
 from coalitions.models import Coalition, CoalitionMember, CoalitionStatus
@@ -134,6 +135,10 @@ class CoalitionAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
         ),
         ("Configuration", {"fields": ["formation_criteria", "business_config"]}),
     ]
+    json_displays = {
+        "formation_criteria": "formation_criteria_view",
+        "business_config": "business_config_view",
+    }
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(_member_count=Count("memberships"))
@@ -141,10 +146,12 @@ class CoalitionAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     def get_readonly_fields(self, request, obj=None):
         if obj is None:
             return []
+        views = list(self.json_displays.values())
         if obj.status == CoalitionStatus.DISSOLVED:
-            return flatten_fieldsets(self.fieldsets)
+            return [*flatten_fieldsets(self.fieldsets), *views]
         # Status moves only through its buttons and actions (coalition_set_status).
-        return [f for f in flatten_fieldsets(self.fieldsets) if f not in EDITABLE_FIELDS]
+        fixed = [f for f in flatten_fieldsets(self.fieldsets) if f not in EDITABLE_FIELDS]
+        return [*fixed, *views]
 
     def has_delete_permission(self, request, obj=None):
         # Coalitions are dissolved, not deleted: no service deletes one (and refreshes
@@ -190,6 +197,14 @@ class CoalitionAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
         return HttpResponseRedirect(
             reverse("admin:coalitions_coalition_change", args=[coalition.pk])
         )
+
+    @admin.display(description="Formation criteria")
+    def formation_criteria_view(self, obj):
+        return json_display(obj.formation_criteria)
+
+    @admin.display(description="Business config")
+    def business_config_view(self, obj):
+        return json_display(obj.business_config)
 
     @admin.display(description="Members", ordering="_member_count")
     def member_count(self, obj):
@@ -298,5 +313,5 @@ class CoalitionAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     @admin.action(description="Export selected coalitions as CSV", permissions=["view"])
     def export_csv(self, request, queryset):
         return csv_response(
-            "coalitions.csv", COALITION_EXPORT_HEADER, coalition_export_rows(queryset)
+            request, "coalitions.csv", COALITION_EXPORT_HEADER, coalition_export_rows(queryset)
         )

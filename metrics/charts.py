@@ -171,13 +171,22 @@ def outbox_indicator() -> SafeString:
     operator acknowledged (Dropped points admin) no longer turn it into a warning."""
     status = selectors.outbox_status()
     age = status.oldest_age
+    # Nothing flushes without InfluxDB: "flowing" (or "behind") would be untrue.
+    unset = "not configured (INFLUXDB_URL is unset)"
     if status.full:
         state, headline = "full", "FULL: new points are being dropped"
-    elif age is not None and age > STALE_AFTER:
-        state, headline = "behind", "backlog: InfluxDB or the flusher is behind"
     elif status.dropped_points or status.rejected:
         # Unacknowledged drops only: once an operator has seen them, they are history.
-        state, headline = "warning", "flowing, but points were dropped or rejected"
+        state = "warning"
+        headline = (
+            "flowing, but points were dropped or rejected"
+            if status.configured
+            else f"{unset}, and points were dropped or rejected"
+        )
+    elif not status.configured:
+        state, headline = "not-configured", unset
+    elif age is not None and age > STALE_AFTER:
+        state, headline = "behind", "backlog: InfluxDB or the flusher is behind"
     else:
         state, headline = "ok", "flowing"
     return render_to_string(

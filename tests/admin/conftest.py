@@ -1,12 +1,17 @@
+import contextlib
 import importlib
+import os
 import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from django.apps import apps as django_apps
+from django.conf import settings
 from django.contrib.auth.models import Group
 from django.test import Client
+from playwright.sync_api import sync_playwright
 
 from agents.admin_scoping import OPERATOR_EDITOR, OPERATOR_READ_ONLY
 from agents.models import Agent, ApiToken, OperatorMembership, Tenant
@@ -151,3 +156,47 @@ def record_metrics(agent: Agent, hours: int) -> None:
     outbox_add(lines)
     report = outbox_flush()
     assert report.sent >= hours, report
+
+
+# Headless Chromium for the browser tests (test_browser.py, test_screenshots.py).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(settings.BASE_DIR) / "test-artifacts"
+# Generous: two cores are shared with other test runs; a passing page takes far less.
+TIMEOUT_MS = 30_000
+
+
+@pytest.fixture
+def chromium(monkeypatch):
+    """Starts headless Chromium: `with chromium() as browser:`, after the test's data exists.
+
+    Playwright's sync API runs an event loop, and its greenlet sees its own Django
+    connection: data made inside the block would go through a connection nothing ever
+    returns to the pool. Django's async-safety check is off for this test only."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(
+            f"{CHROMIUM} is missing: the browser tests need Debian's 'chromium' package "
+            "(apt-get install chromium; scripts/test.sh installs it when run as root)."
+        )
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    ARTIFACTS.mkdir(exist_ok=True)
+
+    @contextlib.contextmanager
+    def launch():
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+            )
+            try:
+                yield browser
+            finally:
+                browser.close()
+
+    return launch

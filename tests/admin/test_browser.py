@@ -4,63 +4,16 @@ against pytest-django's live server, with a real InfluxDB behind the metrics cha
 Screenshots go to test-artifacts/ at the repository root (git-ignored).
 """
 
-import contextlib
-import os
-from pathlib import Path
-
 import h3
 import pytest
-from django.conf import settings
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from agents.admin_scoping import OPERATOR_EDITOR
 from coalitions.models import CoalitionMember
 from tests import factories
-from tests.admin.conftest import PASSWORD, record_metrics
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ARTIFACTS = Path(settings.BASE_DIR) / "test-artifacts"
-# Generous: two cores are shared with other test runs; a passing page takes far less.
-TIMEOUT_MS = 30_000
+from tests.admin.conftest import ARTIFACTS, PASSWORD, TIMEOUT_MS, record_metrics
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def chromium(monkeypatch):
-    """Starts headless Chromium: `with chromium() as browser:`, after the test's data exists.
-
-    Playwright's sync API runs an event loop, and its greenlet sees its own Django
-    connection: data made inside the block would go through a connection nothing ever
-    returns to the pool. Django's async-safety check is off for this test only."""
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(
-            f"{CHROMIUM} is missing: the browser tests need Debian's 'chromium' package "
-            "(apt-get install chromium; scripts/test.sh installs it when run as root)."
-        )
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    ARTIFACTS.mkdir(exist_ok=True)
-
-    @contextlib.contextmanager
-    def launch():
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-            )
-            try:
-                yield browser
-            finally:
-                browser.close()
-
-    return launch
 
 
 def _log_in(browser, base_url: str, username: str):
