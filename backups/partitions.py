@@ -305,8 +305,7 @@ def _archive_partition(
     twice (rows came late) restores as two tables side by side.
     """
     alias = connection.alias
-    server, server_num = pgtools.server_version(alias)
-    pg_dump = pgtools.find_client("pg_dump", server_num // 10000, server)
+    server, pg_dump = pgtools.pg_dump_client(alias)
     key = encryption_key()
     created_at = timezone.now()
     archive_name = new_backup_name(f"{storage.ARCHIVE_PREFIX}{spec.month_name(month)}", created_at)
@@ -539,9 +538,7 @@ def partition_restore(
                         parent=spec.table, month=f"{month:%Y-%m}", existing=holder.name, sql=sql
                     )
                 )
-        server, server_num = pgtools.server_version(alias)
-        dump_major = int(manifest.postgres["pg_dump_version"].split(".")[0])
-        client = pgtools.find_client("pg_restore", max(server_num // 10000, dump_major), server)
+        client = pgtools.pg_restore_client(alias, manifest.postgres["pg_dump_version"])
         with staging_dir() as tmp:
             copy = storage.fetch_verified(manifest, entry.name, Path(tmp), progress)
             pg_restore(

@@ -132,6 +132,20 @@ def find_client(program: str, minimum: int, server: str) -> PgClient:
     return select_client(program, candidates(program), minimum, server)
 
 
+def pg_dump_client(alias: str) -> tuple[str, PgClient]:
+    """(server version, the oldest pg_dump at least as new as the alias' server)."""
+    server, server_num = server_version(alias)
+    return server, find_client("pg_dump", server_num // 10000, server)
+
+
+def pg_restore_client(alias: str, pg_dump_version: str) -> PgClient:
+    """A pg_restore that reads what that pg_dump wrote into the alias' server: at least as
+    new as both."""
+    server, server_num = server_version(alias)
+    dump_major = int(pg_dump_version.split(".")[0])
+    return find_client("pg_restore", max(server_num // 10000, dump_major), server)
+
+
 def settings_dict(alias: str) -> dict:
     try:
         return connections[alias].settings_dict

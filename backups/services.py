@@ -158,109 +158,30 @@ def backup_create(
 
     server = pg_dump = None
     if include_postgres:
-        server, server_num = pgtools.server_version(alias)
-        pg_dump = pgtools.find_client("pg_dump", server_num // 10000, server)
+        server, pg_dump = pgtools.pg_dump_client(alias)
     sweep_staging(progress)
     created_at = timezone.now()
     name = new_backup_name(settings.BACKUP_NAME_PREFIX, created_at)
-    suffix = ".age" if key else ""
-    files: list[FileEntry] = []
-    saved: list[str] = []
-    procs: list[Proc] = []
-    snapshot_conn = None
-    postgres_info = redis_info = None
-    migrations = []
     progress.note(f"Backing up to {name}" + (f" (encrypted, key id {key.key_id})" if key else ""))
+    procs: list[Proc] = []
+    saved: list[str] = []
     try:
         with staging_dir() as tmp:
             staging = Path(tmp)
+            files: list[FileEntry] = []
+            postgres_info = redis_info = None
+            migrations = []
             if include_postgres:
-                snapshot_conn = pgtools.connect(alias, autocommit=False)
-                cursor = snapshot_conn.cursor()
-                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                cursor.execute("SELECT pg_export_snapshot()")
-                snapshot_id = cursor.fetchone()[0]
-                dump_path = staging / "postgres.dump"
-                args = [
-                    pg_dump.path,
-                    "--format=custom",
-                    f"--compress={settings.BACKUP_PG_COMPRESS}",
-                    "--verbose",
-                    f"--snapshot={snapshot_id}",
-                    # Data keys live in the key store, beside the backups (backups.keystore).
-                    f"--exclude-table-data={keystore.TABLE}",
-                ]
-                # Encrypted, the dump goes from pg_dump's stdout through the encryptor:
-                # no plaintext reaches the disk. Clear, it is a seekable file, which
-                # `restore --jobs` needs.
-                if not key:
-                    args.append(f"--file={dump_path}")
-                dump = Proc(args, env=pgtools.libpq_env(alias), capture_stdout=bool(key))
-                procs.append(dump)
-                postgres_info = pgtools.describe_database(cursor)
-                migrations = postgres_info.pop("migrations")
-                if keystore.TABLE in postgres_info["tables"]:
-                    postgres_info["tables"][keystore.TABLE] = 0  # what the dump holds
-                postgres_info["key_store"] = keystore.keys_export(cursor)
-                postgres_info.update(
-                    server_version=server,
-                    database=pgtools.settings_dict(alias)["NAME"],
-                    pg_dump_version=pg_dump.version,
+                entry, postgres_info, migrations = _dump_postgres(
+                    alias, server, pg_dump, staging, key, procs, progress
                 )
-                progress.note(
-                    f"PostgreSQL {server}: {len(postgres_info['tables'])} tables, "
-                    f"{sum(postgres_info['tables'].values()):,} rows, pg_dump {pg_dump.version}"
-                )
-                dump_name = "postgres.dump" + suffix
-                if key:
-                    with progress.task(f"pg_dump | age > {dump_name}") as task:
-                        res = seal_output(
-                            dump, staging / dump_name, key, gzip_level=None, task=task
-                        )
-                        dump.check("pg_dump")
-                else:
-                    with progress.task("pg_dump") as task:
-                        watch(dump, task, lambda: file_size(dump_path))
-                        dump.check("pg_dump")
-                    with progress.task(f"checksum {dump_name}", file_size(dump_path)) as task:
-                        size, sha256 = storage.hash_file(dump_path, task)
-                    res = {"size": size, "sha256": sha256}
-                files.append(
-                    FileEntry(
-                        dump_name, "postgres", encrypted=bool(key), compression="pg_dump", **res
-                    )
-                )
-                snapshot_conn.rollback()
-                snapshot_conn.close()
-                snapshot_conn = None
+                files.append(entry)
             if include_redis:
                 redis_info = redisio.server_info(redis_url)
-                keys_name = "redis-keys.gz" + suffix
-                with (
-                    progress.task("redis key export", redis_info["keys"], unit="keys") as task,
-                    sealed_writer(staging / keys_name, key, gzip_level=GZIP_LEVEL) as (out, res),
-                ):
-                    redis_info["keys"] = redisio.export_keys(redis_url, out, task)
-                files.append(
-                    FileEntry(
-                        keys_name, "redis-keys", encrypted=bool(key), compression="gzip", **res
-                    )
-                )
-            if include_redis and settings.BACKUP_REDIS_RDB:
-                rdb_name = "redis.rdb.gz" + suffix
-                args, env = redisio.rdb_snapshot_command(redis_url, "-")
-                rdb = Proc(args, env=env, capture_stdout=True)
-                procs.append(rdb)
-                with progress.task(f"redis-cli --rdb | gzip > {rdb_name}") as task:
-                    res = seal_output(
-                        rdb, staging / rdb_name, key, gzip_level=GZIP_LEVEL, task=task
-                    )
-                    rdb.check("redis-cli --rdb")
-                files.append(
-                    FileEntry(rdb_name, "redis-rdb", encrypted=bool(key), compression="gzip", **res)
-                )
-                redis_info["rdb"] = True
-
+                files.append(_export_redis_keys(redis_url, redis_info, staging, key, progress))
+                if settings.BACKUP_REDIS_RDB:
+                    files.append(_snapshot_rdb(redis_url, staging, key, procs, progress))
+                    redis_info["rdb"] = True
             for entry in files:
                 with progress.task(f"store {entry.name}", entry.size):
                     storage.save(storage.object_name(name, entry.name), staging / entry.name)
@@ -284,14 +205,94 @@ def backup_create(
         if saved:
             progress.note(f"Removed the incomplete backup {name}.")
         raise
-    finally:
-        if snapshot_conn is not None:
-            snapshot_conn.close()
     progress.note(f"Backup {name} complete: {manifest.size:,} bytes in {len(files)} files.")
     pruned = []
     if keep or max_age:
         pruned = backups_prune(keep=keep, max_age=max_age, protect=name, progress=progress)
     return BackupResult(name, manifest, pruned)
+
+
+def _dump_postgres(alias, server, pg_dump, staging: Path, key, procs, progress):
+    """pg_dump of one exported snapshot into staging, encrypted as it streams when a key
+    is set, with the row counts and migrations read in that same snapshot and the key
+    store written from it. Returns (file entry, postgres info, migrations)."""
+    snapshot_conn = pgtools.connect(alias, autocommit=False)
+    try:
+        cursor = snapshot_conn.cursor()
+        cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        cursor.execute("SELECT pg_export_snapshot()")
+        snapshot_id = cursor.fetchone()[0]
+        dump_path = staging / "postgres.dump"
+        args = [
+            pg_dump.path,
+            "--format=custom",
+            f"--compress={settings.BACKUP_PG_COMPRESS}",
+            "--verbose",
+            f"--snapshot={snapshot_id}",
+            # Data keys live in the key store, beside the backups (backups.keystore).
+            f"--exclude-table-data={keystore.TABLE}",
+        ]
+        # Encrypted, the dump goes from pg_dump's stdout through the encryptor: no
+        # plaintext reaches the disk. Clear, it is a seekable file, which
+        # `restore --jobs` needs.
+        if not key:
+            args.append(f"--file={dump_path}")
+        dump = Proc(args, env=pgtools.libpq_env(alias), capture_stdout=bool(key))
+        procs.append(dump)
+        info = pgtools.describe_database(cursor)
+        migrations = info.pop("migrations")
+        if keystore.TABLE in info["tables"]:
+            info["tables"][keystore.TABLE] = 0  # what the dump holds
+        info["key_store"] = keystore.keys_export(cursor)
+        info.update(
+            server_version=server,
+            database=pgtools.settings_dict(alias)["NAME"],
+            pg_dump_version=pg_dump.version,
+        )
+        progress.note(
+            f"PostgreSQL {server}: {len(info['tables'])} tables, "
+            f"{sum(info['tables'].values()):,} rows, pg_dump {pg_dump.version}"
+        )
+        dump_name = "postgres.dump" + (".age" if key else "")
+        if key:
+            with progress.task(f"pg_dump | age > {dump_name}") as task:
+                res = seal_output(dump, staging / dump_name, key, gzip_level=None, task=task)
+                dump.check("pg_dump")
+        else:
+            with progress.task("pg_dump") as task:
+                watch(dump, task, lambda: file_size(dump_path))
+                dump.check("pg_dump")
+            with progress.task(f"checksum {dump_name}", file_size(dump_path)) as task:
+                size, sha256 = storage.hash_file(dump_path, task)
+            res = {"size": size, "sha256": sha256}
+        snapshot_conn.rollback()
+    finally:
+        snapshot_conn.close()
+    entry = FileEntry(dump_name, "postgres", encrypted=bool(key), compression="pg_dump", **res)
+    return entry, info, migrations
+
+
+def _export_redis_keys(redis_url, redis_info, staging: Path, key, progress) -> FileEntry:
+    """Every key of the Redis database as DUMP payload + expiry (restore over the network)."""
+    keys_name = "redis-keys.gz" + (".age" if key else "")
+    with (
+        progress.task("redis key export", redis_info["keys"], unit="keys") as task,
+        sealed_writer(staging / keys_name, key, gzip_level=GZIP_LEVEL) as (out, res),
+    ):
+        redis_info["keys"] = redisio.export_keys(redis_url, out, task)
+    return FileEntry(keys_name, "redis-keys", encrypted=bool(key), compression="gzip", **res)
+
+
+def _snapshot_rdb(redis_url, staging: Path, key, procs, progress) -> FileEntry:
+    """The whole Redis server as an RDB over the network (redis-cli --rdb), sealed."""
+    rdb_name = "redis.rdb.gz" + (".age" if key else "")
+    args, env = redisio.rdb_snapshot_command(redis_url, "-")
+    rdb = Proc(args, env=env, capture_stdout=True)
+    procs.append(rdb)
+    with progress.task(f"redis-cli --rdb | gzip > {rdb_name}") as task:
+        res = seal_output(rdb, staging / rdb_name, key, gzip_level=GZIP_LEVEL, task=task)
+        rdb.check("redis-cli --rdb")
+    return FileEntry(rdb_name, "redis-rdb", encrypted=bool(key), compression="gzip", **res)
 
 
 def backups_prune(
@@ -479,9 +480,7 @@ def backup_restore(
             target_exists = pgtools.database_exists(mconn, target)
         if target_exists and not overwrite and not pgtools.database_is_empty(alias, target):
             raise ValidationError(TARGET_NOT_EMPTY.format(target=result.postgres_target))
-        server, server_num = pgtools.server_version(alias)
-        dump_major = int(manifest.postgres["pg_dump_version"].split(".")[0])
-        client = pgtools.find_client("pg_restore", max(server_num // 10000, dump_major), server)
+        client = pgtools.pg_restore_client(alias, manifest.postgres["pg_dump_version"])
     if redis_entry:
         result.redis_target = redisio.describe(redis_url)
         keys = redisio.dbsize(redis_url)
@@ -549,6 +548,39 @@ def backup_restore(
     return result
 
 
+@dataclass
+class _ScratchCopy:
+    name: str
+    description: dict
+    keep: bool = False
+
+
+@contextlib.contextmanager
+def _scratch_copy(mconn, alias, purpose, like, client, path, entry, jobs, progress):
+    """A scratch database with the dump restored into it, and its description (row
+    counts, triggers...) for the caller to check. Restore and the drill both start here.
+    Dropped on leaving, whatever happens, unless the caller set keep (restore swapped it
+    in)."""
+    scratch = pgtools.create_scratch_database(mconn, purpose, like=like)
+    copy = None
+    try:
+        pg_restore(
+            alias=alias,
+            dbname=scratch,
+            client=client,
+            path=path,
+            entry=entry,
+            jobs=jobs,
+            progress=progress,
+        )
+        with pgtools.connect(alias, scratch) as conn:
+            copy = _ScratchCopy(scratch, pgtools.describe_database(conn.cursor()))
+        yield copy
+    finally:
+        if copy is None or not copy.keep:
+            pgtools.drop_database(mconn, scratch)
+
+
 def _restore_postgres(
     *,
     manifest,
@@ -564,66 +596,55 @@ def _restore_postgres(
     progress,
 ) -> tuple[dict, str | None]:
     like = target if target_exists else pgtools.settings_dict(alias)["NAME"]
-    swapped = False
-    with pgtools.maintenance_connection(alias) as mconn:
-        scratch = pgtools.create_scratch_database(mconn, f"restore of {target}", like=like)
-        try:
-            pg_restore(
-                alias=alias,
-                dbname=scratch,
-                client=client,
-                path=path,
-                entry=entry,
-                jobs=jobs,
-                progress=progress,
+    with (
+        pgtools.maintenance_connection(alias) as mconn,
+        _scratch_copy(
+            mconn, alias, f"restore of {target}", like, client, path, entry, jobs, progress
+        ) as copy,
+    ):
+        scratch, actual = copy.name, copy.description
+        problems = _count_mismatches(manifest.postgres["tables"], actual["tables"])
+        if problems:
+            raise BackupIntegrityError(
+                "The restored copy does not match the backup: " + "; ".join(problems[:5])
             )
-            with pgtools.connect(alias, scratch) as conn:
-                actual = pgtools.describe_database(conn.cursor())
-            problems = _count_mismatches(manifest.postgres["tables"], actual["tables"])
-            if problems:
-                raise BackupIntegrityError(
-                    "The restored copy does not match the backup: " + "; ".join(problems[:5])
-                )
-            progress.note(f"Restored copy checked: {len(actual['tables'])} tables match.")
-            _load_key_store(alias, scratch, progress)
-            previous = None
-            blocked = False
-            if target_exists:
-                _close_django_connections(target)
-                previous = _scratch_name(target, "previous")
-                if disconnect:
-                    pgtools.set_allow_connections(mconn, target, False)
-                    blocked = True
-                    pgtools.terminate_sessions(mconn, target)
-                sessions = _wait_for_sessions(mconn, target)
-                if sessions:
-                    if blocked:
-                        pgtools.set_allow_connections(mconn, target, True)
-                    raise ValidationError(
-                        TARGET_IN_USE.format(
-                            count=len(sessions), database=target, who=", ".join(sessions[:3])
-                        )
-                    )
-            try:
-                pgtools.swap_databases(mconn, new=scratch, target=target, previous=previous)
-            except BaseException:
+        progress.note(f"Restored copy checked: {len(actual['tables'])} tables match.")
+        _load_key_store(alias, scratch, progress)
+        previous = None
+        blocked = False
+        if target_exists:
+            _close_django_connections(target)
+            previous = _scratch_name(target, "previous")
+            if disconnect:
+                pgtools.set_allow_connections(mconn, target, False)
+                blocked = True
+                pgtools.terminate_sessions(mconn, target)
+            sessions = _wait_for_sessions(mconn, target)
+            if sessions:
                 if blocked:
                     pgtools.set_allow_connections(mconn, target, True)
-                raise
-            swapped = True
-            progress.note(f"Database {target!r} now holds {manifest.name}.")
-            if previous:
-                if keep_previous:
-                    if blocked:
-                        pgtools.set_allow_connections(mconn, previous, True)
-                    progress.note(f"The replaced database was kept as {previous!r}.")
-                else:
-                    pgtools.drop_database(mconn, previous)
-                    previous = None
-            return actual["tables"], previous
-        finally:
-            if not swapped:
-                pgtools.drop_database(mconn, scratch)
+                raise ValidationError(
+                    TARGET_IN_USE.format(
+                        count=len(sessions), database=target, who=", ".join(sessions[:3])
+                    )
+                )
+        try:
+            pgtools.swap_databases(mconn, new=scratch, target=target, previous=previous)
+        except BaseException:
+            if blocked:
+                pgtools.set_allow_connections(mconn, target, True)
+            raise
+        copy.keep = True
+        progress.note(f"Database {target!r} now holds {manifest.name}.")
+        if previous:
+            if keep_previous:
+                if blocked:
+                    pgtools.set_allow_connections(mconn, previous, True)
+                progress.note(f"The replaced database was kept as {previous!r}.")
+            else:
+                pgtools.drop_database(mconn, previous)
+                previous = None
+        return actual["tables"], previous
 
 
 # ---------------------------------------------------------------------------------------
@@ -715,52 +736,39 @@ def backup_verify(
 
 
 def _drill_postgres(manifest, entry, path, alias, report, progress) -> None:
-    server, server_num = pgtools.server_version(alias)
-    dump_major = int(manifest.postgres["pg_dump_version"].split(".")[0])
-    client = pgtools.find_client("pg_restore", max(server_num // 10000, dump_major), server)
-    with pgtools.maintenance_connection(alias) as mconn:
-        scratch = pgtools.create_scratch_database(
-            mconn, f"drill of {manifest.name}", like=pgtools.settings_dict(alias)["NAME"]
-        )
+    client = pgtools.pg_restore_client(alias, manifest.postgres["pg_dump_version"])
+    like = pgtools.settings_dict(alias)["NAME"]
+    with (
+        pgtools.maintenance_connection(alias) as mconn,
+        _scratch_copy(
+            mconn, alias, f"drill of {manifest.name}", like, client, path, entry, 1, progress
+        ) as copy,
+    ):
+        scratch, actual = copy.name, copy.description
         report.scratch_database = scratch
-        try:
-            pg_restore(
-                alias=alias,
-                dbname=scratch,
-                client=client,
-                path=path,
-                entry=entry,
-                jobs=1,
-                progress=progress,
-            )
-            report.add("pg_restore", True, f"into scratch database {scratch}")
-            with pgtools.connect(alias, scratch) as conn:
-                actual = pgtools.describe_database(conn.cursor())
-            expected = manifest.postgres
-            problems = _count_mismatches(expected["tables"], actual["tables"])
-            report.rows = sum(actual["tables"].values())
+        report.add("pg_restore", True, f"into scratch database {scratch}")
+        expected = manifest.postgres
+        problems = _count_mismatches(expected["tables"], actual["tables"])
+        report.rows = sum(actual["tables"].values())
+        report.add(
+            "row counts",
+            not problems,
+            "; ".join(problems[:5]) or f"{len(expected['tables'])} tables, {report.rows:,} rows",
+        )
+        for what in ("partitioned_tables", "triggers", "functions"):
+            missing = sorted(set(expected.get(what, [])) - set(actual[what]))
             report.add(
-                "row counts",
-                not problems,
-                "; ".join(problems[:5])
-                or f"{len(expected['tables'])} tables, {report.rows:,} rows",
+                what.replace("_", " "),
+                not missing,
+                f"missing {', '.join(missing)}"
+                if missing
+                else f"{len(expected.get(what, []))} present",
             )
-            for what in ("partitioned_tables", "triggers", "functions"):
-                missing = sorted(set(expected.get(what, [])) - set(actual[what]))
-                report.add(
-                    what.replace("_", " "),
-                    not missing,
-                    f"missing {', '.join(missing)}"
-                    if missing
-                    else f"{len(expected.get(what, []))} present",
-                )
-            if manifest.kind == KIND_FULL:
-                same = actual["migrations"] == manifest.django.get("migrations", [])
-                report.add("migrations", same, f"{len(actual['migrations'])} applied")
-                report.add("key store", True, _load_key_store(alias, scratch, progress))
-            _drill_beliefs(manifest, alias, scratch, actual, report, progress)
-        finally:
-            pgtools.drop_database(mconn, scratch)
+        if manifest.kind == KIND_FULL:
+            same = actual["migrations"] == manifest.django.get("migrations", [])
+            report.add("migrations", same, f"{len(actual['migrations'])} applied")
+            report.add("key store", True, _load_key_store(alias, scratch, progress))
+        _drill_beliefs(manifest, alias, scratch, actual, report, progress)
     report.add("scratch dropped", True, scratch)
 
 
