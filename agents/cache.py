@@ -1,4 +1,5 @@
-"""Redis caching of agent state and coalition membership (ADR-012 section 2).
+"""Redis caching of agent state (ADR-012 section 2), and the guard every Redis cache
+of the project goes through (coalitions.cache holds the membership sets).
 
 Consistency strategy: every cached agent value carries a version, the row's
 updated_at in microseconds. A database trigger sets updated_at on every UPDATE, and
@@ -6,10 +7,6 @@ row locks serialise writers, so a later commit always has a higher version. Writ
 go through one Lua compare-and-set that keeps the higher version, whether they come
 from a writer's on_commit refresh or a reader filling a miss; a slow writer or
 reader can never put an older state over a newer one.
-
-Membership sets use a generation counter instead: writers bump it on commit and
-delete the set; a reader fills a miss only if the generation it saw before reading
-PostgreSQL is still current.
 
 Redis failures never fail a caller: reads fall back to PostgreSQL and writes still
 commit. The first failure is logged, then Redis is left alone for RETRY_AFTER
@@ -35,8 +32,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BELIEFS_TTL = 300
-MEMBERS_TTL = 600
-GENERATION_TTL = 86_400
 RETRY_AFTER = 5.0
 CHUNK = 1000
 
@@ -53,14 +48,6 @@ for i, key in ipairs(KEYS) do
     end
 end
 return written
-"""
-
-_FILL_MEMBERS_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[1] then return 0 end
-redis.call('SADD', KEYS[1], unpack(ARGV, 3))
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return 1
 """
 
 
@@ -106,14 +93,6 @@ def _beliefs_key_template() -> str:
     # cache.make_key costs ~15 us through the cache proxy; a batch of thousands of keys
     # formats this template instead (same result, see freeagentics.cache_keys).
     return beliefs_key("{}")
-
-
-def members_key(coalition_id) -> str:
-    return cache.make_key(f"coalition:members:{coalition_id}")
-
-
-def _generation_key(coalition_id) -> str:
-    return cache.make_key(f"coalition:members:{coalition_id}:gen")
 
 
 # Agent state -------------------------------------------------------------------------
@@ -203,58 +182,3 @@ def agents_forget(agent_ids: Iterable) -> None:
 
 def agent_load(agent_id) -> bytes | None:
     return guard.call(lambda redis: redis.get(beliefs_key(agent_id)), None)
-
-
-# Coalition membership ----------------------------------------------------------------
-
-
-def _tenant_marker(tenant_id) -> str:
-    return f"tenant:{tenant_id}"
-
-
-def membership_lookup(coalition_id, agent_id, tenant_id) -> tuple[bool | None, str]:
-    """(answer or None on a miss, generation to fill the miss with)."""
-
-    def lookup(redis):
-        with redis.pipeline(transaction=False) as pipe:
-            key = members_key(coalition_id)
-            pipe.exists(key)
-            pipe.sismember(key, str(agent_id))
-            pipe.sismember(key, _tenant_marker(tenant_id))
-            pipe.get(_generation_key(coalition_id))
-            exists, member, same_tenant, generation = pipe.execute()
-        generation = (generation or b"0").decode()
-        if not exists:
-            return None, generation
-        return bool(member and same_tenant), generation
-
-    return guard.call(lookup, (None, ""))
-
-
-def membership_fill(coalition_id, tenant_id, agent_ids: Iterable, generation: str) -> None:
-    if not generation:
-        return
-    members = [_tenant_marker(tenant_id), *(str(a) for a in agent_ids)]
-
-    def fill(redis):
-        script = redis.register_script(_FILL_MEMBERS_SCRIPT)
-        script(
-            keys=[members_key(coalition_id), _generation_key(coalition_id)],
-            args=[generation, MEMBERS_TTL, *members],
-        )
-
-    guard.call(fill, None)
-
-
-def membership_invalidate(coalition_ids: Iterable) -> None:
-    coalition_ids = list(coalition_ids)
-
-    def invalidate(redis):
-        with redis.pipeline(transaction=False) as pipe:
-            for coalition_id in coalition_ids:
-                pipe.incr(_generation_key(coalition_id))
-                pipe.expire(_generation_key(coalition_id), GENERATION_TTL)
-                pipe.delete(members_key(coalition_id))
-            pipe.execute()
-
-    guard.call(invalidate, None)

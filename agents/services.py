@@ -288,8 +288,8 @@ def agent_adjust_energy(*, tenant: Tenant, agent_id: uuid.UUID, delta: int) -> A
 
 
 def agent_delete(*, tenant: Tenant, agent_id: uuid.UUID) -> None:
-    """Delete an agent (its memberships cascade); its cache entry becomes a tombstone
-    and the membership sets of its coalitions are invalidated."""
+    """Delete an agent (its memberships cascade, and coalitions invalidate their cached
+    sets on that); its cache entry becomes a tombstone."""
     agent_id = validate_uuid(agent_id, "agent_id")
     with transaction.atomic():
         agent = Agent.objects.filter(pk=agent_id, tenant=tenant).select_for_update().first()
@@ -297,11 +297,9 @@ def agent_delete(*, tenant: Tenant, agent_id: uuid.UUID) -> None:
             raise ValidationError(
                 {"agent_id": AGENTS_NOT_FOUND.format(count=1, tenant=tenant.slug, ids=agent_id)}
             )
-        coalition_ids = list(agent.memberships.values_list("coalition_id", flat=True))
         agent.delete()
         version = micros(datetime.datetime.now(datetime.UTC))
         transaction.on_commit(lambda: cache.agent_tombstone(agent_id, version))
-        transaction.on_commit(lambda: cache.membership_invalidate(coalition_ids))
         agent_deleted.send(sender=Agent, tenant_id=tenant.id, agent_id=agent_id)
 
 

@@ -45,13 +45,13 @@ def tenant_shred(*, tenant: Tenant) -> ShredReport:
     data_keys.forget_cached_keys()
     shredded_at = max((d for _, d in destroyed), default=None)
     agent_ids = list(tenant.agents.values_list("id", flat=True))
-    coalition_ids = list(tenant.coalitions.values_list("id", flat=True))
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("DELETE FROM agent_history WHERE agent_id = ANY(%s::uuid[])", [agent_ids])
         history_rows = cursor.rowcount
-        Tenant.objects.filter(pk=tenant.pk).delete()  # agents, coalitions, tokens cascade
+        # Agents, coalitions and their members, tokens cascade (and coalitions drop
+        # their cached membership sets on the members' deletion).
+        _, deleted = Tenant.objects.filter(pk=tenant.pk).delete()
     cache.agents_forget(agent_ids)
-    cache.membership_invalidate(coalition_ids)
     tenant_shredded.send(
         sender=Tenant,
         tenant_id=str(tenant.id),
@@ -67,5 +67,9 @@ def tenant_shred(*, tenant: Tenant) -> ShredReport:
         history_rows,
     )
     return ShredReport(
-        str(tenant.id), len(destroyed), len(agent_ids), history_rows, len(coalition_ids)
+        str(tenant.id),
+        len(destroyed),
+        len(agent_ids),
+        history_rows,
+        deleted.get("coalitions.Coalition", 0),
     )

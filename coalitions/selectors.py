@@ -5,10 +5,10 @@ from collections.abc import Iterator
 import h3
 from django.db.models import Count, QuerySet
 
-from agents import cache
 from agents.models import Agent, Tenant
 from agents.types import iso_timestamp
 from agents.validators import validate_cell
+from coalitions import cache
 from coalitions.models import Coalition, CoalitionMember
 from coalitions.validators import validate_business_model
 

@@ -8,10 +8,10 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from agents import cache
 from agents.models import Agent, Tenant
 from agents.types import UNSET, Unset
 from agents.validators import brief, validate_json_object, validate_text, validate_uuid
+from coalitions import cache
 from coalitions.models import Coalition, CoalitionMember, CoalitionStatus
 from coalitions.signals import coalition_status_changed, member_joined, member_left
 from coalitions.validators import validate_business_model

@@ -5,8 +5,11 @@ import uuid
 from channels.db import database_sync_to_async
 
 from realtime.coalition_events import coalition_group, coalition_tenant
-from realtime.consumers import COALITION_NOT_FOUND, RealtimeConsumer, Refusal
+from realtime.consumers import RealtimeConsumer, Refusal
 from realtime.protocol import CLOSE_NOT_FOUND
+
+# Close reason for a coalition that does not exist or is another tenant's.
+COALITION_NOT_FOUND = "No coalition {coalition_id}."
 
 
 class CoalitionConsumer(RealtimeConsumer):

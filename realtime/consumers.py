@@ -74,7 +74,6 @@ TOO_MANY_SUBSCRIPTIONS = "agent_ids: at most {limit} agents per connection."
 # existence oracle), as in the admin.
 AGENTS_NOT_FOUND = "agent_ids: {count} agent(s) not found: {ids}."
 AGENT_NOT_FOUND = "No agent {agent_id}."
-COALITION_NOT_FOUND = "No coalition {coalition_id}."
 BELIEFS_FORBIDDEN = "include_beliefs: this credential may not read full beliefs."
 TOKEN_REVOKED = "API token revoked."
 UNKNOWN_PATH = "No websocket endpoint at {path}."

@@ -7,7 +7,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django_redis import get_redis_connection
 
-from agents import cache
+from coalitions import cache
 from coalitions.models import CoalitionMember
 from coalitions.selectors import coalitions_near, is_coalition_member
 from coalitions.services import (

@@ -13,11 +13,11 @@ from agents.services import agent_update_state, agents_update_states
 from agents.types import AgentStateUpdate
 from coalitions.services import coalition_add_member, coalition_remove_member, coalition_set_status
 from realtime.auth import SUBPROTOCOL
+from realtime.coalition_consumers import COALITION_NOT_FOUND
 from realtime.consumers import (
     AGENT_NOT_FOUND,
     AGENTS_NOT_FOUND,
     BELIEFS_FORBIDDEN,
-    COALITION_NOT_FOUND,
     MALFORMED_JSON,
     NOT_AN_OBJECT,
     AgentConsumer,
