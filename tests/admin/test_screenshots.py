@@ -19,6 +19,7 @@ import logging
 import re
 from pathlib import Path
 
+import h3
 import pytest
 from django.conf import settings
 from django.contrib.auth.models import User
@@ -35,12 +36,17 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 DOCS_IMG = Path(settings.BASE_DIR) / "docs" / "img"
 VIEWPORTS = {"desktop": (1366, 900), "phone": (390, 844)}
-# Page name -> the picture docs/README-admin.md shows ("Tour"), desktop width only.
+# The pictures docs/README-admin.md shows ("Tour"), at desktop width: page name ->
+# (file, the element to picture, or None for the window as it opens).
 TOUR = {
-    "agent-list": "tour-agent-list.png",
-    "agent-change": "tour-agent-page.png",
-    "coalition-change": "tour-coalition-page.png",
-    "tenant-overview": "tour-tenant-overview.png",
+    "agent-list": ("tour-agent-list.png", None),
+    "agent-change": ("tour-agent-page.png", "fieldset:has(#agent-neighbourhood)"),
+    "coalition-configured": (
+        "tour-coalition-page.png",
+        "fieldset:has([name=business_config])",
+    ),
+    "tenant-overview": ("tour-tenant-overview.png", None),
+    "outbox": ("tour-metrics-outbox.png", None),
 }
 
 ISO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d")
@@ -117,11 +123,14 @@ def tour_world(world_a, settings):
             tenant=world_a.tenant,
             update=AgentStateUpdate(agent_id=agent.pk, energy_level=energy),
         )
-    for i in range(3):
+    # Spread over a few cells, so the tenant overview's map has shades to show.
+    cells = sorted(h3.grid_disk(agent.location_h3, 2))
+    for i in range(9):
         factories.make_agent(
             world_a.tenant,
             name=f"scout-with-a-rather-long-name-{i}",
             agent_type="explorer",
+            location_h3=cells[(i * i) % len(cells)],
             personality_traits={"curiosity": 0.8, "caution": 0.3},
         )
     Coalition.objects.filter(pk=world_a.coalition.pk).update(
@@ -217,7 +226,9 @@ def test_every_page_a_newcomer_reaches_reads_well_at_both_widths(
                 shot = ARTIFACTS / f"tour-{width_name}-{name}.png"
                 page.screenshot(path=shot, full_page=True)
                 if width_name == "desktop" and name in TOUR:
-                    page.screenshot(path=DOCS_IMG / TOUR[name])
+                    filename, element = TOUR[name]
+                    target = page.locator(element) if element else page
+                    target.screenshot(path=DOCS_IMG / filename)
             context.close()
     logged = [f"{r.levelname} {r.name}: {r.getMessage()}" for r in captured_logs]
     errors = [line for line in logged if line.startswith(("ERROR", "CRITICAL"))]
