@@ -171,7 +171,10 @@ def _load_or_create_active(tenant_id: uuid.UUID) -> DataKey:
             # Another process created it between the two statements.
             row = row or conn.execute(_ACTIVE_SQL, [tenant_id]).fetchone()
     key_id, wrapped = row
-    return DataKey(key_id, tenant_id, unwrap(key_id, wrapped))
+    # Already unwrapped in this process: a rewrap by a master-key rotation changes the
+    # wrapping, not the key.
+    known = _cache.by_id.get(key_id)
+    return known or DataKey(key_id, tenant_id, unwrap(key_id, wrapped))
 
 
 def check_master_keys() -> None:
