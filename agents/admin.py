@@ -52,7 +52,7 @@ from agents.svg import hex_map_svg, neighbourhood_svg
 from agents.types import AgentStateUpdate
 from coalitions.selectors import tenant_overview
 from metrics.charts import agent_metrics_chart
-from realtime.tokens import api_token_create, api_token_revoke
+from realtime.services import api_token_create, api_token_revoke
 
 NEIGHBOURHOOD_RADIUS = 3
 HISTORY_ROWS = 10

@@ -23,13 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cryptography.fernet import InvalidToken
-from django.apps import apps
 from django.db import connection, transaction
 
 from agents import cache, data_keys
 from agents.encryption import multi_fernet, open_token, seal, token_key_id
 from agents.exceptions import BeliefStateDecryptionError, TenantShreddedError
-from agents.fields import EncryptedArrayField
 
 _AGENTS_SCAN = """
 SELECT id, tenant_id, belief_state FROM agents
@@ -300,20 +298,3 @@ def _record_remaining(counts: ReencryptCounts, tenant_ids) -> None:
             "WHERE k.id = s.id",
             [*params, list(seen), list(seen.values())],
         )
-
-
-def encrypted_columns():
-    """(table, column) of every EncryptedArrayField in the project."""
-    for model in apps.get_models():
-        for f in model._meta.concrete_fields:
-            if isinstance(f, EncryptedArrayField):
-                yield model._meta.db_table, f.column
-
-
-def count_encrypted_rows() -> int:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT (SELECT count(*) FROM agents WHERE belief_state IS NOT NULL)"
-            " + (SELECT count(*) FROM agent_history WHERE belief_state IS NOT NULL)"
-        )
-        return cursor.fetchone()[0]

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 
 import h3
+from django.apps import apps
 from django.core.exceptions import ObjectDoesNotExist
 from django.db import connection
 
@@ -14,6 +15,7 @@ from agents import cache
 from agents.beliefs import belief_summary
 from agents.encryption import decrypt_array
 from agents.exceptions import BeliefStateError
+from agents.fields import EncryptedArrayField
 from agents.models import Agent, AgentHistory, Tenant
 from agents.types import AgentState, agent_select_list, iso_timestamp, state_from_row
 from agents.validators import validate_cell, validate_radius
@@ -162,3 +164,20 @@ def agent_export_rows(agents) -> Iterator[list]:
             summary and summary["size"],
             summary and round(summary["entropy"], 6),
         ]
+
+
+def encrypted_columns():
+    """(table, column) of every EncryptedArrayField in the project."""
+    for model in apps.get_models():
+        for f in model._meta.concrete_fields:
+            if isinstance(f, EncryptedArrayField):
+                yield model._meta.db_table, f.column
+
+
+def count_encrypted_rows() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT (SELECT count(*) FROM agents WHERE belief_state IS NOT NULL)"
+            " + (SELECT count(*) FROM agent_history WHERE belief_state IS NOT NULL)"
+        )
+        return cursor.fetchone()[0]

@@ -23,7 +23,7 @@ from django.utils import timezone
 
 from agents.encryption import decrypt_array
 from agents.exceptions import BeliefStateError, TenantShreddedError
-from agents.key_rotation import encrypted_columns
+from agents.selectors import encrypted_columns
 from backups import keystore, pgtools, redisio, selectors, storage
 from backups.crypto import (
     encryption_key,

@@ -530,7 +530,7 @@ def main():
 
     from agents.models import Agent, Tenant
     from agents.services import AgentSpec, agents_bulk_load
-    from realtime.tokens import api_token_create
+    from realtime.services import api_token_create
 
     rng = np.random.default_rng(0)
     scenarios = set(args.scenarios.split(","))

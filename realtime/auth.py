@@ -31,7 +31,7 @@ from realtime.protocol import (
     CLOSE_NOT_FOUND,
     CLOSE_UNAUTHENTICATED,
 )
-from realtime.tokens import api_token_authenticate
+from realtime.services import api_token_authenticate
 
 SUBPROTOCOL = "freeagentics.v1"
 TOKEN_SUBPROTOCOL_PREFIX = "bearer."

@@ -55,7 +55,7 @@ from realtime.protocol import (
     CLOSE_UNAUTHENTICATED,
     token_group,
 )
-from realtime.tokens import api_tokens_active
+from realtime.selectors import api_tokens_active
 
 # Error frames ({"type": "error", "code", "message", "id"}) and close reasons.
 BINARY_FRAME = "Binary frames are not supported; send JSON text."

@@ -242,7 +242,7 @@ class Hub:
                 )
 
     async def _recheck_tokens(self) -> None:
-        from realtime.tokens import api_tokens_active
+        from realtime.selectors import api_tokens_active
 
         by_token: dict[uuid.UUID, list] = {}
         for conn in self.connections:

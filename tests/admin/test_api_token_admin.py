@@ -2,7 +2,7 @@ import pytest
 from django.contrib.admin.models import LogEntry
 
 from agents.models import ApiToken
-from realtime.tokens import api_token_authenticate
+from realtime.services import api_token_authenticate
 
 pytestmark = pytest.mark.django_db
 

@@ -11,7 +11,7 @@ import pytest
 from channels.layers import channel_layers
 from django.conf import settings
 
-from realtime.tokens import api_token_create
+from realtime.services import api_token_create
 from tests.realtime.helpers import ROOT, server_env
 
 START_TIMEOUT = 30

@@ -5,14 +5,14 @@ from django.core.exceptions import ValidationError
 from django.utils import timezone
 
 from agents.models import ApiToken
-from realtime.tokens import (
+from realtime.selectors import api_tokens_active
+from realtime.services import (
     LAST_USED_RESOLUTION,
     NAME_REQUIRED,
     TOKEN_INVALID,
     api_token_authenticate,
     api_token_create,
     api_token_revoke,
-    api_tokens_active,
     hash_token,
 )
 

@@ -28,7 +28,7 @@ from realtime.protocol import (
     CLOSE_NOT_FOUND,
     CLOSE_UNAUTHENTICATED,
 )
-from realtime.tokens import api_token_revoke
+from realtime.services import api_token_revoke
 from tests import factories
 from tests.realtime.helpers import (
     bearer,

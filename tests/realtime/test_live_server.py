@@ -16,7 +16,7 @@ from agents.types import AgentStateUpdate
 from realtime.auth import SUBPROTOCOL
 from realtime.consumers import MALFORMED_JSON
 from realtime.protocol import CLOSE_NOT_FOUND, CLOSE_UNAUTHENTICATED
-from realtime.tokens import api_token_revoke
+from realtime.services import api_token_revoke
 from tests import factories
 from tests.realtime.helpers import TIMEOUT, db
 

@@ -1,13 +1,9 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from agents.exceptions import BeliefStateError
-from agents.key_rotation import (
-    beliefs_reencrypt,
-    count_encrypted_rows,
-    data_keys_rotate,
-    master_keys_rotate,
-)
+from agents.key_rotation import beliefs_reencrypt, data_keys_rotate, master_keys_rotate
 from agents.models import Tenant
+from agents.selectors import count_encrypted_rows
 from freeagentics.progress import Progress
 
 

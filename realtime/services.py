@@ -8,8 +8,6 @@ connections hold wherever tokens are managed.
 import datetime
 import hashlib
 import secrets
-import uuid
-from collections.abc import Iterable
 
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
@@ -91,15 +89,3 @@ def api_token_authenticate(raw: str) -> ApiToken:
         ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
         token.last_used_at = now
     return token
-
-
-def api_tokens_active(token_ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
-    """Those of token_ids that still exist and are not revoked."""
-    token_ids = list(token_ids)
-    if not token_ids:
-        return set()
-    return set(
-        ApiToken.objects.filter(pk__in=token_ids, revoked_at__isnull=True).values_list(
-            "pk", flat=True
-        )
-    )
