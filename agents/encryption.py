@@ -99,7 +99,7 @@ def decode_array(data: bytes) -> np.ndarray:
 
 
 @functools.cache
-def _fernet_for(keys: tuple[str, ...]) -> tuple[MultiFernet, Fernet, tuple[Fernet, ...]]:
+def _fernet_for(keys: tuple[str, ...]) -> tuple[MultiFernet, tuple[Fernet, ...]]:
     fernets = []
     for index, key in enumerate(keys):
         try:
@@ -111,7 +111,7 @@ def _fernet_for(keys: tuple[str, ...]) -> tuple[MultiFernet, Fernet, tuple[Ferne
             ) from e
     if not fernets:
         raise ImproperlyConfigured("FREEAGENTICS_ENCRYPTION_KEYS must hold at least one key.")
-    return MultiFernet(fernets), fernets[0], tuple(fernets)
+    return MultiFernet(fernets), tuple(fernets)
 
 
 _last: tuple[object, tuple[Fernet, ...]] = (None, ())
@@ -122,7 +122,7 @@ def _decrypting_fernets() -> tuple[Fernet, ...]:
     global _last
     keys = settings.FREEAGENTICS_ENCRYPTION_KEYS
     if _last[0] is not keys:
-        _last = (keys, _fernet_for(tuple(keys))[2])
+        _last = (keys, _fernet_for(tuple(keys))[1])
     return _last[1]
 
 

@@ -24,8 +24,7 @@ import pytest
 import redis
 from django.conf import settings
 from django.db import connection
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 import realtime.publisher
 from agents.services import agent_update_state
@@ -43,7 +42,8 @@ from realtime.protocol import CLOSE_BAD_REQUEST, CLOSE_TOO_BIG, tenant_group, to
 from realtime.publisher import Publisher
 from tests import factories
 from tests.realtime import helpers
-from tests.realtime.helpers import ROOT, TIMEOUT, bearer, communicator, db, next_json, server_env
+from tests.realtime.helpers import ROOT, bearer, communicator, db, next_json, server_env
+from tests.realtime.live import client, close_code, recv_json
 
 pytestmark = [pytest.mark.anyio, pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -53,24 +53,6 @@ SHUTDOWN_TIMEOUT = 20
 PREFIX = settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"]
 REDIS_PORT = urlsplit(settings.REDIS_URL).port or 6379
 MiB = 1024 * 1024
-
-
-def client(url: str, *, token: str | None = None, **options):
-    headers = {"Authorization": f"Bearer {token}"} if token else None
-    return connect(url, additional_headers=headers, proxy=None, open_timeout=TIMEOUT, **options)
-
-
-async def recv_json(ws) -> dict:
-    async with asyncio.timeout(TIMEOUT):
-        return json.loads(await ws.recv())
-
-
-async def close_code(ws) -> int:
-    with pytest.raises(ConnectionClosed) as closed:
-        async with asyncio.timeout(TIMEOUT):
-            while True:
-                await ws.recv()
-    return closed.value.rcvd.code
 
 
 def redis_client() -> redis.Redis:

@@ -8,8 +8,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 from agents.services import agent_update_state
 from agents.types import AgentStateUpdate
@@ -19,26 +18,9 @@ from realtime.protocol import CLOSE_NOT_FOUND, CLOSE_UNAUTHENTICATED
 from realtime.services import api_token_revoke
 from tests import factories
 from tests.realtime.helpers import TIMEOUT, db
+from tests.realtime.live import client, close_code, recv_json
 
 pytestmark = [pytest.mark.anyio, pytest.mark.django_db(transaction=True), pytest.mark.slow]
-
-
-def client(url: str, *, token: str | None = None, **options):
-    headers = {"Authorization": f"Bearer {token}"} if token else None
-    return connect(url, additional_headers=headers, proxy=None, open_timeout=TIMEOUT, **options)
-
-
-async def recv_json(ws) -> dict:
-    async with asyncio.timeout(TIMEOUT):
-        return json.loads(await ws.recv())
-
-
-async def close_code(ws) -> int:
-    with pytest.raises(ConnectionClosed) as closed:
-        async with asyncio.timeout(TIMEOUT):
-            while True:
-                await ws.recv()
-    return closed.value.rcvd.code
 
 
 async def test_update_reaches_a_real_client_after_commit(asgi_server, tenant, token):
