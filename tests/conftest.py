@@ -7,6 +7,9 @@ from tests import factories
 from tests.reliability import ReliabilityReport
 
 # Set by the test command for a whole-suite run, whose counts become the README's table.
+# Operators, tenant worlds and headless Chromium for the admin tests of every app.
+pytest_plugins = ["tests.backoffice"]
+
 RELIABILITY_REPORT_ENV = "FREEAGENTICS_RELIABILITY_REPORT"
 
 

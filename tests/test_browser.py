@@ -11,7 +11,7 @@ from playwright.sync_api import expect
 from agents.admin_scoping import OPERATOR_EDITOR
 from coalitions.models import CoalitionMember
 from tests import factories
-from tests.admin.conftest import ARTIFACTS, PASSWORD, TIMEOUT_MS, record_metrics
+from tests.backoffice import ARTIFACTS, PASSWORD, TIMEOUT_MS, record_metrics
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

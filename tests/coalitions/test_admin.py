@@ -3,13 +3,13 @@ from decimal import Decimal
 
 import pytest
 
-from agents.admin_scoping import OPERATOR_READ_ONLY
+from agents.admin_scoping import OPERATOR_EDITOR, OPERATOR_READ_ONLY
 from coalitions.admin import EDITABLE_FIELDS, MEMBER_AGENT_FIXED
 from coalitions.models import Coalition, CoalitionMember
 from coalitions.selectors import is_coalition_member
 from coalitions.services import MONEY_INVALID, TRANSITION_NOT_ALLOWED
 from tests import factories
-from tests.admin.conftest import logged_in
+from tests.backoffice import logged_in
 
 pytestmark = pytest.mark.django_db
 
@@ -274,3 +274,60 @@ def test_read_only_operators_get_no_status_buttons(make_operator, world_a):
     assert client.post(f"{URL}{coalition.pk}/status/", {"status": "active"}).status_code == 403
     coalition.refresh_from_db()
     assert coalition.status == "forming"
+
+
+def test_coalition_page_shows_members_inline(superuser_client, tenant):
+    coalition = factories.make_coalition(tenant)
+    agent = factories.make_agent(tenant, name="member-one")
+    CoalitionMember.objects.create(coalition=coalition, agent=agent, role="founder")
+    page = superuser_client.get(f"/admin/coalitions/coalition/{coalition.pk}/change/")
+    assert page.status_code == 200
+    assert "founder" in page.content.decode()
+    listing = superuser_client.get("/admin/coalitions/coalition/")
+    assert listing.status_code == 200
+    assert coalition.name in listing.content.decode()
+
+
+CONFIG = {"pricing": {"base": 10, "surge": 1.5}, "currency": "EUR"}
+
+
+def test_empty_json_fields_render_empty_and_saving_them_stores_what_was_stored(
+    make_operator, world_a
+):
+    coalition = world_a.coalition
+    Coalition.objects.filter(pk=coalition.pk).update(
+        formation_criteria=None, business_config=CONFIG
+    )
+    editor = logged_in(make_operator(world_a.tenant, OPERATOR_EDITOR, "json-editor"))
+    url = f"/admin/coalitions/coalition/{coalition.pk}/change/"
+    form = editor.get(url).context["adminform"].form
+    assert form["formation_criteria"].value() in (None, "")
+    assert 'name="formation_criteria"' in str(form["formation_criteria"])
+    assert ">\nnull</textarea>" not in str(form["formation_criteria"])
+    assert form.fields["business_config"].prepare_value(CONFIG).startswith('{\n  "pricing"')
+
+    # What the browser sends back for the form as rendered: an empty box, the object
+    # indented. Nothing changed, so nothing is written.
+    data = _inline(coalition)
+    data["formation_criteria"] = ""
+    data["business_config"] = form.fields["business_config"].prepare_value(CONFIG)
+    assert editor.post(url, data).status_code == 302
+    coalition.refresh_from_db()
+    assert (coalition.formation_criteria, coalition.business_config) == (None, CONFIG)
+
+    # Emptying a field stores NULL, as typing `null` did before.
+    data["business_config"] = ""
+    assert editor.post(url, data).status_code == 302
+    coalition.refresh_from_db()
+    assert (coalition.formation_criteria, coalition.business_config) == (None, None)
+
+
+def test_read_only_json_is_indented_and_empty_is_a_dash(make_operator, world_a):
+    coalition = world_a.coalition
+    Coalition.objects.filter(pk=coalition.pk).update(
+        formation_criteria=None, business_config=CONFIG
+    )
+    reader = logged_in(make_operator(world_a.tenant, OPERATOR_READ_ONLY, "json-reader"))
+    page = reader.get(f"/admin/coalitions/coalition/{coalition.pk}/change/").content.decode()
+    assert '<pre class="json-value">{\n  &quot;pricing&quot;: {' in page
+    assert "null" not in page

@@ -6,13 +6,17 @@ page that shows nothing at all would fail."""
 import csv
 import io
 import json
+from io import StringIO
 
 import pytest
+from django.contrib.auth.models import Group
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
 
-from agents.admin_scoping import OPERATOR_EDITOR
-from agents.models import Agent, ApiToken, Tenant
+from agents.admin_scoping import OPERATOR_EDITOR, OPERATOR_READ_ONLY, tenant_path_for
+from agents.models import Agent, ApiToken, OperatorMembership, Tenant
 from coalitions.models import Coalition, CoalitionMember
-from tests.admin.conftest import logged_in
+from tests.backoffice import logged_in
 
 pytestmark = [pytest.mark.django_db, pytest.mark.reliability("tenant walls")]
 
@@ -314,3 +318,63 @@ def test_tenants_cannot_be_added_or_deleted_by_operators(editor_a, world_a):
     assert editor_a.get("/admin/agents/tenant/add/").status_code == 403
     assert editor_a.get(f"/admin/agents/tenant/{world_a.tenant.pk}/delete/").status_code == 403
     assert Tenant.objects.filter(pk=world_a.tenant.pk).exists()
+
+
+# Which relation each model is scoped through.
+
+
+def test_tenant_owned_models_scope_through_their_tenant_key():
+    assert tenant_path_for(Tenant) == "pk"
+    for model in (Agent, Coalition, ApiToken, OperatorMembership):
+        assert tenant_path_for(model) == "tenant"
+
+
+def test_a_model_without_a_tenant_key_is_refused_loudly():
+    # Scoping such a relation needs an explicit path; guessing could leak rows.
+    with pytest.raises(ImproperlyConfigured, match=r"coalitions\.CoalitionMember has no"):
+        tenant_path_for(CoalitionMember)
+
+
+# The operator groups the migrations make.
+
+
+VIEW = {
+    "agents.view_tenant",
+    "agents.view_agent",
+    "agents.view_apitoken",
+    "coalitions.view_coalition",
+    "coalitions.view_coalitionmember",
+}
+
+
+def _permissions(name: str) -> set[str]:
+    group = Group.objects.get(name=name)
+    return {f"{p.content_type.app_label}.{p.codename}" for p in group.permissions.all()}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_migration_makes_both_operator_groups_and_its_reverse_removes_them():
+    call_command("migrate", "agents", "0004", stdout=StringIO())
+    assert not Group.objects.filter(name__in=[OPERATOR_READ_ONLY, OPERATOR_EDITOR]).exists()
+    call_command("migrate", "agents", stdout=StringIO())
+    assert _permissions(OPERATOR_READ_ONLY) == VIEW
+    assert _permissions(OPERATOR_EDITOR) == VIEW | {
+        "agents.add_agent",
+        "agents.change_agent",
+        "agents.delete_agent",
+        "agents.add_apitoken",
+        "agents.change_apitoken",
+        "coalitions.add_coalition",
+        "coalitions.change_coalition",
+        "coalitions.add_coalitionmember",
+        "coalitions.change_coalitionmember",
+        "coalitions.delete_coalitionmember",
+    }
+
+
+@pytest.mark.django_db
+def test_operator_groups_grant_nothing_outside_agents_and_coalitions(operator_groups):
+    for group in operator_groups.values():
+        labels = set(group.permissions.values_list("content_type__app_label", flat=True))
+        assert labels <= {"agents", "coalitions"}
+        assert not group.permissions.filter(content_type__model="operatormembership").exists()

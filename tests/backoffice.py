@@ -1,3 +1,6 @@
+"""Operators, tenant worlds (A and B, which must never see each other), InfluxDB for the
+agent page's chart, and headless Chromium: the fixtures of every app's admin tests."""
+
 import contextlib
 import importlib
 import os

@@ -30,7 +30,7 @@ from agents.types import AgentStateUpdate
 from coalitions.models import Coalition
 from metrics.models import DroppedPoints, RejectedPoint
 from tests import factories
-from tests.admin.conftest import ARTIFACTS, PASSWORD, TIMEOUT_MS
+from tests.backoffice import ARTIFACTS, PASSWORD, TIMEOUT_MS
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
