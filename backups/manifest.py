@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 
-from backups.crypto import BackupKey
+from backups.crypto import ALGORITHM, BackupKey
 from backups.exceptions import BackupIntegrityError
 
 FORMAT = "freeagentics-backup"
@@ -115,6 +115,13 @@ class Manifest:
         if manifest.created_at.tzinfo is None:
             raise BackupIntegrityError(f"{name}: manifest created_at has no time zone.")
         return manifest
+
+
+def encryption_header(key: BackupKey | None) -> dict | None:
+    """The manifest's description of how its files are encrypted (None: they are not)."""
+    if key is None:
+        return None
+    return {"algorithm": ALGORITHM, "key_id": key.key_id}
 
 
 # ---------------------------------------------------------------------------------------

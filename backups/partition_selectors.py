@@ -224,27 +224,25 @@ def unholdable_reason_sql(spec: PartitionedTable) -> str:
     )
 
 
-def default_rows_by_month(spec: PartitionedTable) -> dict[datetime.date, int]:
-    """Rows of the default partition per month, for the months a partition can hold."""
+def _count_default_rows(spec: PartitionedTable, group: str, where: str) -> dict:
     with connection.cursor() as cursor:
-        # The filter comes first: 'infinity' or year 12000 would not even convert to a date.
         cursor.execute(
-            f"SELECT date_trunc('month', {_q(spec.column)} AT TIME ZONE 'UTC')::date, count(*) "
-            f"FROM {_q(spec.schema)}.{_q(spec.default_name)} WHERE {holdable_sql(spec)} "
-            "GROUP BY 1 ORDER BY 1"
+            f"SELECT {group}, count(*) FROM {_q(spec.schema)}.{_q(spec.default_name)} "
+            f"WHERE {where} GROUP BY 1 ORDER BY 1"
         )
         return dict(cursor.fetchall())
+
+
+def default_rows_by_month(spec: PartitionedTable) -> dict[datetime.date, int]:
+    """Rows of the default partition per month, for the months a partition can hold."""
+    # The filter comes first: 'infinity' or year 12000 would not even convert to a date.
+    month = f"date_trunc('month', {_q(spec.column)} AT TIME ZONE 'UTC')::date"
+    return _count_default_rows(spec, month, holdable_sql(spec))
 
 
 def default_rows_unholdable(spec: PartitionedTable) -> dict[str, int]:
     """Rows of the default partition no month partition can hold: {reason: count}."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT {unholdable_reason_sql(spec)}, count(*) "
-            f"FROM {_q(spec.schema)}.{_q(spec.default_name)} WHERE NOT {holdable_sql(spec)} "
-            "GROUP BY 1 ORDER BY 1"
-        )
-        return dict(cursor.fetchall())
+    return _count_default_rows(spec, unholdable_reason_sql(spec), f"NOT {holdable_sql(spec)}")
 
 
 def index_names(schema: str, table: str) -> list[str]:
@@ -356,30 +354,14 @@ def partition_plan(
                 None,
             )
             if overlap is not None:
-                plan.actions.append(
-                    PartitionAction(
-                        "skip",
-                        spec.table,
-                        name,
-                        month,
-                        rows,
-                        f"{overlap.name} overlaps {month:%Y-%m}",
-                    )
-                )
+                why_not = f"{overlap.name} overlaps {month:%Y-%m}"
             elif table_exists(spec.schema, name):
-                plan.actions.append(
-                    PartitionAction(
-                        "skip",
-                        spec.table,
-                        name,
-                        month,
-                        rows,
-                        "a table of that name exists and is not a partition",
-                    )
-                )
+                why_not = "a table of that name exists and is not a partition"
             else:
                 plan.actions.append(PartitionAction("create", spec.table, name, month, rows))
                 created.append(month)
+                continue
+            plan.actions.append(PartitionAction("skip", spec.table, name, month, rows, why_not))
 
         if cutoff is None:
             continue

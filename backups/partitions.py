@@ -27,7 +27,7 @@ from backups.exceptions import (
     PARTITION_TABLE_EXISTS,
     BackupError,
 )
-from backups.manifest import KIND_PARTITION, FileEntry, Manifest
+from backups.manifest import KIND_PARTITION, Manifest, encryption_header
 from backups.partition_selectors import (
     MARK_ARCHIVED,
     MARK_DETACHED,
@@ -38,17 +38,8 @@ from backups.partition_selectors import (
     PartitionedTable,
     PartitionPlan,
 )
-from backups.plumbing import (
-    Proc,
-    encryption_header,
-    file_size,
-    manifest_store,
-    new_backup_name,
-    pg_restore,
-    seal_output,
-    staging_dir,
-    watch,
-)
+from backups.pg_dump_restore import pg_dump_finish, pg_dump_start, pg_restore
+from backups.staging import staging_dir
 from freeagentics.progress import NULL_PROGRESS, Progress
 
 # ---------------------------------------------------------------------------------------
@@ -308,7 +299,9 @@ def _archive_partition(
     server, pg_dump = pgtools.pg_dump_client(alias)
     key = encryption_key()
     created_at = timezone.now()
-    archive_name = new_backup_name(f"{storage.ARCHIVE_PREFIX}{spec.month_name(month)}", created_at)
+    archive_name = storage.new_backup_name(
+        f"{storage.ARCHIVE_PREFIX}{spec.month_name(month)}", created_at
+    )
     if name == spec.month_name(month):
         # Renamed once: a table whose archive failed keeps its name for the next try.
         new = _archive_table_name(spec, month, archive_name)
@@ -317,45 +310,26 @@ def _archive_partition(
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT count(*) FROM {_qualified(spec, name)}")
         rows = cursor.fetchone()[0]
-    file_name = "partition.dump" + (".age" if key else "")
     start, end = _bounds(month)
     try:
         with staging_dir() as tmp:
             staging = Path(tmp)
             dump_path = staging / "partition.dump"
-            args = [
-                pg_dump.path,
-                "--format=custom",
-                f"--compress={settings.BACKUP_PG_COMPRESS}",
-                "--verbose",
-                f"--table={_q(spec.schema)}.{_q(name)}",
-            ]
-            # Encrypted, the dump streams from pg_dump's stdout through the encryptor, so
-            # no plaintext reaches the disk.
-            if not key:
-                args.append(f"--file={dump_path}")
-            proc = Proc(args, env=pgtools.libpq_env(alias), capture_stdout=bool(key))
+            options = [f"--table={_q(spec.schema)}.{_q(name)}"]
+            proc = pg_dump_start(pg_dump, alias, options, dump_path, key)
             try:
-                if key:
-                    with progress.task(f"pg_dump {name} | age > {file_name}") as task:
-                        res = seal_output(
-                            proc, staging / file_name, key, gzip_level=None, task=task
-                        )
-                        proc.check(f"pg_dump of {name}")
-                else:
-                    with progress.task(f"pg_dump {name}") as task:
-                        watch(proc, task, lambda: file_size(dump_path))
-                        proc.check(f"pg_dump of {name}")
-                        task.update(file_size(dump_path))
-                    with progress.task(f"checksum {file_name}", file_size(dump_path)) as task:
-                        size, sha256 = storage.hash_file(dump_path, task)
-                        res = {"size": size, "sha256": sha256}
+                entry = pg_dump_finish(
+                    proc,
+                    dump_path,
+                    key,
+                    role="partition",
+                    label=f"pg_dump {name}",
+                    what=f"pg_dump of {name}",
+                    progress=progress,
+                )
             finally:
                 proc.stop()
-            entry = FileEntry(
-                file_name, "partition", encrypted=bool(key), compression="pg_dump", **res
-            )
-            storage.save(storage.object_name(archive_name, file_name), staging / file_name)
+            storage.save(storage.object_name(archive_name, entry.name), staging / entry.name)
             manifest = Manifest(
                 name=archive_name,
                 kind=KIND_PARTITION,
@@ -378,9 +352,9 @@ def _archive_partition(
                 },
                 encryption=encryption_header(key),
             )
-            manifest_store(archive_name, manifest, key, staging)
+            storage.save_manifest(archive_name, manifest, key, staging)
             # Read back what the storage holds before anything may be dropped.
-            storage.fetch_verified(selectors.backup_get(archive_name), file_name, staging)
+            storage.fetch_verified(selectors.backup_get(archive_name), entry.name, staging)
     except BaseException:
         with contextlib.suppress(Exception):
             storage.delete_backup(archive_name)

@@ -1,4 +1,5 @@
-"""PostgreSQL client programs and side connections for backups.
+"""Finding the PostgreSQL client programs (pg_dump_restore runs them), and side connections
+for backups.
 
 pg_dump must be at least as new as the server it dumps; pg_restore must read the
 archive's format and should emit SQL the target server accepts, so the closest version
@@ -27,6 +28,7 @@ from django.db import connections
 from psycopg import sql
 
 from backups.exceptions import BackupError, ToolNotFoundError
+from backups.processes import pid_alive
 
 _VERSION_RE = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 # libpq environment for the OPTIONS Django passes to psycopg.
@@ -321,17 +323,6 @@ def scratch_databases(conn) -> list[ScratchDatabase]:
         note = comment or "no marker (its owner died while creating it)"
         found.append(ScratchDatabase(name, size, not alive, note))
     return found
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this host has this pid (a recycled pid counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def other_sessions(conn, name: str) -> list[str]:

@@ -41,23 +41,18 @@ from backups.exceptions import (
     BackupIntegrityError,
     DrillFailedError,
 )
-from backups.manifest import KIND_FULL, KIND_PARTITION, FileEntry, Manifest, drill_record
-from backups.plumbing import (
-    COPY_CHUNK,
-    GZIP_LEVEL,
-    Proc,
+from backups.manifest import (
+    KIND_FULL,
+    KIND_PARTITION,
+    FileEntry,
+    Manifest,
+    drill_record,
     encryption_header,
-    file_size,
-    manifest_store,
-    new_backup_name,
-    pg_restore,
-    plaintext,
-    seal_output,
-    sealed_writer,
-    staging_dir,
-    sweep_staging,
-    watch,
 )
+from backups.pg_dump_restore import pg_dump_finish, pg_dump_start, pg_restore
+from backups.processes import Proc
+from backups.sealed_files import COPY_CHUNK, GZIP_LEVEL, plaintext, seal_output, sealed_writer
+from backups.staging import staging_dir, sweep_staging
 from freeagentics.progress import NULL_PROGRESS, Progress
 
 # Restore options that contradict themselves; kept here, not in exceptions.py, since only
@@ -161,7 +156,7 @@ def backup_create(
         server, pg_dump = pgtools.pg_dump_client(alias)
     sweep_staging(progress)
     created_at = timezone.now()
-    name = new_backup_name(settings.BACKUP_NAME_PREFIX, created_at)
+    name = storage.new_backup_name(settings.BACKUP_NAME_PREFIX, created_at)
     progress.note(f"Backing up to {name}" + (f" (encrypted, key id {key.key_id})" if key else ""))
     procs: list[Proc] = []
     saved: list[str] = []
@@ -196,7 +191,7 @@ def backup_create(
                 redis=redis_info,
                 encryption=encryption_header(key),
             )
-            saved.append(manifest_store(name, manifest, key, staging))
+            saved.append(storage.save_manifest(name, manifest, key, staging))
     except BaseException:
         for proc in procs:
             proc.stop()
@@ -223,21 +218,12 @@ def _dump_postgres(alias, server, pg_dump, staging: Path, key, procs, progress):
         cursor.execute("SELECT pg_export_snapshot()")
         snapshot_id = cursor.fetchone()[0]
         dump_path = staging / "postgres.dump"
-        args = [
-            pg_dump.path,
-            "--format=custom",
-            f"--compress={settings.BACKUP_PG_COMPRESS}",
-            "--verbose",
+        options = [
             f"--snapshot={snapshot_id}",
             # Data keys live in the key store, beside the backups (backups.keystore).
             f"--exclude-table-data={keystore.TABLE}",
         ]
-        # Encrypted, the dump goes from pg_dump's stdout through the encryptor: no
-        # plaintext reaches the disk. Clear, it is a seekable file, which
-        # `restore --jobs` needs.
-        if not key:
-            args.append(f"--file={dump_path}")
-        dump = Proc(args, env=pgtools.libpq_env(alias), capture_stdout=bool(key))
+        dump = pg_dump_start(pg_dump, alias, options, dump_path, key)
         procs.append(dump)
         info = pgtools.describe_database(cursor)
         migrations = info.pop("migrations")
@@ -253,22 +239,18 @@ def _dump_postgres(alias, server, pg_dump, staging: Path, key, procs, progress):
             f"PostgreSQL {server}: {len(info['tables'])} tables, "
             f"{sum(info['tables'].values()):,} rows, pg_dump {pg_dump.version}"
         )
-        dump_name = "postgres.dump" + (".age" if key else "")
-        if key:
-            with progress.task(f"pg_dump | age > {dump_name}") as task:
-                res = seal_output(dump, staging / dump_name, key, gzip_level=None, task=task)
-                dump.check("pg_dump")
-        else:
-            with progress.task("pg_dump") as task:
-                watch(dump, task, lambda: file_size(dump_path))
-                dump.check("pg_dump")
-            with progress.task(f"checksum {dump_name}", file_size(dump_path)) as task:
-                size, sha256 = storage.hash_file(dump_path, task)
-            res = {"size": size, "sha256": sha256}
+        entry = pg_dump_finish(
+            dump,
+            dump_path,
+            key,
+            role="postgres",
+            label="pg_dump",
+            what="pg_dump",
+            progress=progress,
+        )
         snapshot_conn.rollback()
     finally:
         snapshot_conn.close()
-    entry = FileEntry(dump_name, "postgres", encrypted=bool(key), compression="pg_dump", **res)
     return entry, info, migrations
 
 

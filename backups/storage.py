@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import os
 import re
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,11 @@ def prefix(name: str) -> str:
 
 def object_name(name: str, file_name: str) -> str:
     return f"{prefix(name)}/{file_name}"
+
+
+def new_backup_name(prefix: str, now: datetime.datetime) -> str:
+    """<prefix>-<UTC time>-<random hex>: stamp_of() reads the time back."""
+    return f"{prefix}-{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
 def stamp_of(name: str) -> datetime.datetime | None:
@@ -115,6 +121,16 @@ def read_manifest(name: str) -> Manifest:
     with storage.open(manifest_name, "rb") as fh:
         raw = fh.read(4 * 1024 * 1024)
     return Manifest.from_json(raw, name=name)
+
+
+def save_manifest(name: str, manifest: Manifest, key, staging: Path) -> str:
+    """Sign (when encrypting) and store a backup's manifest; returns its object name.
+    Written last, so a backup without a manifest is recognisably incomplete."""
+    if key is not None:
+        manifest.sign(key)
+    object_name_ = object_name(name, MANIFEST)
+    save_bytes(object_name_, manifest.to_json(), staging)
+    return object_name_
 
 
 class _StagedFile(File):

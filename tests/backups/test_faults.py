@@ -14,7 +14,7 @@ from django.core.management import call_command
 
 from backups import pgtools
 from backups.crypto import AGE_MAGIC
-from backups.plumbing import STAGING_PREFIX
+from backups.staging import STAGING_PREFIX
 from tests.backups.conftest import manage_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
