@@ -13,17 +13,19 @@ from django.contrib.admin.utils import flatten_fieldsets, unquote
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.template.response import TemplateResponse
-from django.urls import path, reverse
+from django.urls import reverse
 from django.utils import formats, timezone
 from django.utils.html import format_html, format_html_join
 
 from agents.admin_scoping import (
     TenantScopedAdminMixin,
     TenantScopedInlineMixin,
+    adopt_created,
     csv_response,
     is_unscoped,
-    json_display,
+    json_field_display,
     service_errors_as_form_errors,
+    status_action,
 )
 from agents.beliefs import belief_summary
 from agents.models import (
@@ -59,6 +61,8 @@ HISTORY_ROWS = 10
 METRICS_HOURS = 24
 # The fields agent_update_state can change; name and type are fixed at creation.
 _UPDATABLE = ("status", "energy_level", "location_h3", "personality_traits")
+# A new agent's fields: name and type, then those agent_update_state can change later.
+_CREATED_WITH = ["name", "agent_type", *_UPDATABLE]
 
 
 def _ids_by_tenant(queryset) -> list[tuple[Tenant, list]]:
@@ -118,23 +122,13 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     # The id is the tenant's identity (tokens, keys and exports carry it): shown, never
     # edited, as on the agent page; a new tenant gets its id when saved.
     readonly_fields = ["id", "created_at", "overview_link"]
+    object_views = {"overview": "overview_view"}
 
     def get_fields(self, request, obj=None):
         fields = super().get_fields(request, obj)
         if obj is None:
             return [f for f in fields if f != "id"]
         return ["id", *(f for f in fields if f != "id")]
-
-    def get_urls(self):
-        # Before the default patterns: their "<path:object_id>/" would swallow this one.
-        return [
-            path(
-                "<path:object_id>/overview/",
-                self.admin_site.admin_view(self.overview_view),
-                name="agents_tenant_overview",
-            ),
-            *super().get_urls(),
-        ]
 
     @admin.display(description="Overview")
     def overview_link(self, obj):
@@ -182,22 +176,7 @@ class AgentAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     list_select_related = ["tenant"]
     date_hierarchy = "last_active_at"
     actions = ["suspend_agents", "activate_agents", "export_csv"]
-    add_fieldsets = [
-        (
-            None,
-            {
-                "fields": [
-                    "tenant",
-                    "name",
-                    "agent_type",
-                    "status",
-                    "energy_level",
-                    "location_h3",
-                    "personality_traits",
-                ]
-            },
-        )
-    ]
+    add_fieldsets = [(None, {"fields": ["tenant", *_CREATED_WITH]})]
     fieldsets = [
         (
             None,
@@ -205,12 +184,7 @@ class AgentAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
                 "fields": [
                     "id",
                     "tenant",
-                    "name",
-                    "agent_type",
-                    "status",
-                    "energy_level",
-                    "location_h3",
-                    "personality_traits",
+                    *_CREATED_WITH,
                     "last_active_at",
                     "created_at",
                     "updated_at",
@@ -291,13 +265,8 @@ class AgentAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
 
     # Actions -------------------------------------------------------------------------
 
-    @admin.action(description="Suspend selected agents", permissions=["change"])
-    def suspend_agents(self, request, queryset):
-        self._set_status(request, queryset, AgentStatus.SUSPENDED, "suspended")
-
-    @admin.action(description="Activate selected agents", permissions=["change"])
-    def activate_agents(self, request, queryset):
-        self._set_status(request, queryset, AgentStatus.ACTIVE, "activated")
+    suspend_agents = status_action("Suspend selected agents", AgentStatus.SUSPENDED, "suspended")
+    activate_agents = status_action("Activate selected agents", AgentStatus.ACTIVE, "activated")
 
     def _set_status(self, request, queryset, status: str, verb: str) -> None:
         try:
@@ -327,9 +296,7 @@ class AgentAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
 
     # Change page -----------------------------------------------------------------------
 
-    @admin.display(description="Personality traits")
-    def personality_traits_view(self, obj):
-        return json_display(obj.personality_traits)
+    personality_traits_view = json_field_display("personality_traits", "Personality traits")
 
     @admin.display(description="Belief state")
     def belief_state_summary(self, obj):
@@ -465,9 +432,7 @@ class ApiTokenAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
                 created_by=request.user,
                 can_read_beliefs=form.cleaned_data["can_read_beliefs"],
             )
-        for field in token._meta.concrete_fields:
-            setattr(obj, field.attname, getattr(token, field.attname))
-        obj._state.adding = False
+        adopt_created(obj, token)
         # Lives only until response_add renders it: not in the session, a message
         # cookie or the log entry.
         obj._plaintext = plaintext

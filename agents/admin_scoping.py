@@ -13,8 +13,8 @@ from contextlib import contextmanager
 from itertools import islice
 
 from asgiref.sync import sync_to_async
-from django import forms
-from django.contrib import messages
+from django import forms, urls
+from django.contrib import admin, messages
 from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.core.handlers.asgi import ASGIRequest
 from django.db import models
@@ -188,6 +188,36 @@ def json_display(value):
     )
 
 
+def json_field_display(field: str, description: str):
+    """A read-only display method for the JSON model field `field` (see json_display),
+    to name in an admin's json_displays."""
+
+    @admin.display(description=description)
+    def display(modeladmin, obj):
+        return json_display(getattr(obj, field))
+
+    return display
+
+
+def status_action(description: str, status: str, verb: str):
+    """An admin action (permission: change) moving the selected rows to `status`
+    through the admin's `_set_status(request, queryset, status, verb)`."""
+
+    @admin.action(description=description, permissions=["change"])
+    def action(modeladmin, request, queryset):
+        modeladmin._set_status(request, queryset, status, verb)
+
+    return action
+
+
+def adopt_created(obj, created: models.Model) -> None:
+    """Make the admin's unsaved `obj` the row a service created, as the redirect, the
+    log entry and the inline formsets that follow save_model need it."""
+    for field in created._meta.concrete_fields:
+        setattr(obj, field.attname, getattr(created, field.attname))
+    obj._state.adding = False
+
+
 def _owner_id(obj, path: str):
     *hops, last = path.split("__")
     for hop in hops:
@@ -355,6 +385,24 @@ class TenantScopedAdminMixin(TenantScopedInlineMixin):
             return filters
         # RelatedFieldListFilter would list every tenant's name.
         return [f for f in filters if f != "tenant"]
+
+    # Pages -------------------------------------------------------------------------
+
+    # Pages of one object besides the change page: {path segment: view method name}.
+    # Each is served at <object_id>/<segment>/ and named "<app>_<model>_<segment>".
+    object_views: dict[str, str] = {}
+
+    def get_urls(self):
+        # Before the default patterns: their "<path:object_id>/" would swallow these.
+        prefix = f"{self.opts.app_label}_{self.opts.model_name}"
+        return [
+            urls.path(
+                f"<path:object_id>/{segment}/",
+                self.admin_site.admin_view(getattr(self, view)),
+                name=f"{prefix}_{segment}",
+            )
+            for segment, view in self.object_views.items()
+        ] + super().get_urls()
 
     # Service errors ------------------------------------------------------------------
 

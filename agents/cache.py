@@ -27,6 +27,7 @@ from django_redis import get_redis_connection
 from redis.exceptions import RedisError
 
 from agents.types import AgentState, from_micros, micros
+from freeagentics.telemetry import REDIS_COMMAND_SECONDS, timed
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,6 +52,12 @@ return written
 """
 
 
+def _command_timer(operation):
+    # Named by the function that asked (agents_store, membership_lookup, ...): the
+    # first part of the operation's qualified name, a closure or lambda inside it.
+    return REDIS_COMMAND_SECONDS.labels(operation.__qualname__.partition(".")[0])
+
+
 class _RedisGuard:
     def __init__(self):
         self._lock = threading.Lock()
@@ -61,7 +68,8 @@ class _RedisGuard:
         if self._down_since is not None and time.monotonic() < self._retry_at:
             return default
         try:
-            result = operation(get_redis_connection("default"))
+            with timed(_command_timer(operation)):
+                result = operation(get_redis_connection("default"))
         except (RedisError, OSError) as e:
             with self._lock:
                 if self._down_since is None:

@@ -19,6 +19,7 @@ from agents.fields import EncryptedArrayField
 from agents.models import Agent, AgentHistory, Tenant
 from agents.types import AgentState, agent_select_list, iso_timestamp, state_from_row
 from agents.validators import validate_cell, validate_radius
+from freeagentics.telemetry import CACHE_REQUESTS
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ AGENT_NOT_FOUND = "Agent {agent_id} does not exist in tenant {tenant}."
 
 _COLUMNS = agent_select_list()
 _LABEL = "agents.Agent.belief_state"
+BELIEF_HITS = CACHE_REQUESTS.labels("belief", "hit")
+BELIEF_MISSES = CACHE_REQUESTS.labels("belief", "miss")
 
 
 class AgentNotFound(ObjectDoesNotExist):
@@ -60,8 +63,10 @@ def get_agent(*, tenant: Tenant, agent_id) -> AgentState:
             state = None
         if state is not None:
             cache.stats["hits"] += 1
+            BELIEF_HITS.inc()
             return state
     cache.stats["misses"] += 1
+    BELIEF_MISSES.inc()
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT {_COLUMNS}, belief_state FROM agents WHERE id = %s AND tenant_id = %s",

@@ -6,6 +6,7 @@ rolled-back write announces nothing.
 
 import dataclasses
 import datetime
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from agents.validators import (
     validate_uuid,
 )
 from freeagentics.db import server_binding_cursor
+from freeagentics.telemetry import AGENT_UPDATE_BATCH, AGENT_UPDATE_SECONDS
 
 AGENTS_NOT_FOUND = "agent_id: {count} agent(s) not found in tenant {tenant}: {ids}."
 DUPLICATE_AGENT = "agent_id: {agent_id} appears more than once in one batch."
@@ -203,6 +205,7 @@ def agents_update_states(
     updates = list(updates)
     if not updates:
         return []
+    start = time.perf_counter()
     columns = ([], [], [], [], [], [])
     ids = columns[0]
     seen = set()
@@ -248,6 +251,8 @@ def agents_update_states(
         agent_states_changed.send(
             sender=Agent, tenant_id=tenant.id, states=states, updates=updates, tokens=columns[1]
         )
+    AGENT_UPDATE_SECONDS.observe(time.perf_counter() - start)
+    AGENT_UPDATE_BATCH.observe(len(updates))
     return states
 
 

@@ -11,14 +11,16 @@ from django.contrib.admin.utils import flatten_fieldsets, unquote
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Count
 from django.http import HttpResponseNotAllowed, HttpResponseRedirect
-from django.urls import path, reverse
+from django.urls import reverse
 
 from agents.admin_scoping import (
     TenantScopedAdminMixin,
     TenantScopedInlineMixin,
+    adopt_created,
     csv_response,
-    json_display,
+    json_field_display,
     service_errors_as_form_errors,
+    status_action,
 )
 from coalitions.models import Coalition, CoalitionMember, CoalitionStatus
 from coalitions.selectors import COALITION_EXPORT_HEADER, coalition_export_rows
@@ -139,6 +141,7 @@ class CoalitionAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
         "formation_criteria": "formation_criteria_view",
         "business_config": "business_config_view",
     }
+    object_views = {"status": "status_view"}
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(_member_count=Count("memberships"))
@@ -157,17 +160,6 @@ class CoalitionAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
         # Coalitions are dissolved, not deleted: no service deletes one (and refreshes
         # the membership cache), and a dissolved coalition keeps its history.
         return False
-
-    def get_urls(self):
-        # Before the default patterns: their "<path:object_id>/" would swallow this one.
-        return [
-            path(
-                "<path:object_id>/status/",
-                self.admin_site.admin_view(self.status_view),
-                name="coalitions_coalition_status",
-            ),
-            *super().get_urls(),
-        ]
 
     def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
         if obj is not None and self.has_change_permission(request, obj):
@@ -198,13 +190,8 @@ class CoalitionAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
             reverse("admin:coalitions_coalition_change", args=[coalition.pk])
         )
 
-    @admin.display(description="Formation criteria")
-    def formation_criteria_view(self, obj):
-        return json_display(obj.formation_criteria)
-
-    @admin.display(description="Business config")
-    def business_config_view(self, obj):
-        return json_display(obj.business_config)
+    formation_criteria_view = json_field_display("formation_criteria", "Formation criteria")
+    business_config_view = json_field_display("business_config", "Business config")
 
     @admin.display(description="Members", ordering="_member_count")
     def member_count(self, obj):
@@ -230,9 +217,7 @@ class CoalitionAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
                 business_config=data["business_config"],
             )
         # The members formset, redirect and log entry that follow need the saved row.
-        for field in coalition._meta.concrete_fields:
-            setattr(obj, field.attname, getattr(coalition, field.attname))
-        obj._state.adding = False
+        adopt_created(obj, coalition)
 
     def save_formset(self, request, form, formset, change):
         if formset.model is not CoalitionMember:
@@ -280,17 +265,11 @@ class CoalitionAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
 
     # Actions -------------------------------------------------------------------------
 
-    @admin.action(description="Activate selected coalitions", permissions=["change"])
-    def activate(self, request, queryset):
-        self._set_status(request, queryset, CoalitionStatus.ACTIVE, "activated")
-
-    @admin.action(description="Mark selected coalitions profitable", permissions=["change"])
-    def mark_profitable(self, request, queryset):
-        self._set_status(request, queryset, CoalitionStatus.PROFITABLE, "marked profitable")
-
-    @admin.action(description="Dissolve selected coalitions", permissions=["change"])
-    def dissolve(self, request, queryset):
-        self._set_status(request, queryset, CoalitionStatus.DISSOLVED, "dissolved")
+    activate = status_action("Activate selected coalitions", CoalitionStatus.ACTIVE, "activated")
+    mark_profitable = status_action(
+        "Mark selected coalitions profitable", CoalitionStatus.PROFITABLE, "marked profitable"
+    )
+    dissolve = status_action("Dissolve selected coalitions", CoalitionStatus.DISSOLVED, "dissolved")
 
     def _set_status(self, request, queryset, status: str, verb: str) -> None:
         done = 0

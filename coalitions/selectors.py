@@ -11,6 +11,10 @@ from agents.validators import validate_cell
 from coalitions import cache
 from coalitions.models import Coalition, CoalitionMember
 from coalitions.validators import validate_business_model
+from freeagentics.telemetry import CACHE_REQUESTS
+
+MEMBERSHIP_HITS = CACHE_REQUESTS.labels("membership", "hit")
+MEMBERSHIP_MISSES = CACHE_REQUESTS.labels("membership", "miss")
 
 # ADR-012's efficient_coalition_query, tenant-scoped, in one round trip. The nearby
 # agents are collected first (idx_agents_location) and their memberships looked up by
@@ -53,7 +57,9 @@ def is_coalition_member(*, tenant: Tenant, coalition_id, agent_id) -> bool:
     """O(1) from the Redis set coalition:members:{id}; a miss loads the set once."""
     answer, generation = cache.membership_lookup(coalition_id, agent_id, tenant.id)
     if answer is not None:
+        MEMBERSHIP_HITS.inc()
         return answer
+    MEMBERSHIP_MISSES.inc()
     if not Coalition.objects.filter(pk=coalition_id, tenant=tenant).exists():
         return False
     members = list(

@@ -169,9 +169,12 @@ INSTALLED_APPS = [
     "metrics",
     "realtime",
     "backups",
+    "monitoring",
 ]
 
 MIDDLEWARE = [
+    "monitoring.middleware.RequestTimingMiddleware",
+    "monitoring.middleware.ProbeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -401,3 +404,20 @@ CHANNEL_LAYERS = {
 # "default" sends them through the core layer instead (measured in BENCH-realtime.md).
 REALTIME_CHANNEL_LAYER = os.environ.get("REALTIME_CHANNEL_LAYER", "realtime")
 # --- end Realtime ---
+
+# --- Monitoring (README "Monitoring") ---
+# Prometheus instruments in every process; off makes each a no-op (overhead measured in
+# benchmarks/README.md).
+PROMETHEUS_METRICS_ENABLED = env_bool("PROMETHEUS_METRICS_ENABLED", True)
+# /metrics answers a request from these networks, or one carrying this bearer token;
+# everyone else gets 403. Behind a proxy REMOTE_ADDR is the proxy's: use the token.
+PROMETHEUS_METRICS_TOKEN = os.environ.get("PROMETHEUS_METRICS_TOKEN", "")
+PROMETHEUS_METRICS_ALLOWED_NETWORKS = env_list(
+    "PROMETHEUS_METRICS_ALLOWED_NETWORKS", "127.0.0.0/8,::1/128"
+)
+# /readyz: how long PostgreSQL and Redis each get to answer before the check fails.
+READINESS_TIMEOUT_SECONDS = float(os.environ.get("READINESS_TIMEOUT_SECONDS", "1.0"))
+# Figures read from the database at scrape time (outbox, partitions, backups) are reused
+# for this long, so a scrape every second costs one set of queries per interval.
+MONITORING_FIGURES_CACHE_SECONDS = env_int("MONITORING_FIGURES_CACHE_SECONDS", 10)
+# --- end Monitoring ---

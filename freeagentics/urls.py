@@ -4,7 +4,7 @@ from django.conf.urls.static import static
 from django.contrib import admin
 from django.contrib.staticfiles.views import serve
 from django.core.handlers.asgi import ASGIRequest
-from django.urls import path
+from django.urls import include, path
 from django.views.generic import RedirectView
 
 
@@ -28,6 +28,7 @@ def serve_static(request, path, **kwargs):
 
 
 urlpatterns = [
+    path("", include("monitoring.urls")),
     path("", RedirectView.as_view(url="/admin/", permanent=False)),
     path("admin/", admin.site.urls),
 ]

@@ -32,6 +32,7 @@ from agents.beliefs import belief_stats
 from agents.types import AgentState, AgentStateUpdate
 from freeagentics.db import server_binding_cursor
 from freeagentics.log_summary import SummaryLog
+from freeagentics.telemetry import FLUSH_ERRORS, FLUSH_SECONDS, FLUSHED_POINTS
 from metrics import client, points
 from metrics.exceptions import InfluxDBRejected, InfluxDBUnavailable
 from metrics.models import DroppedPoints
@@ -483,9 +484,11 @@ def _flush_worker(
     report = FlushReport()
     consecutive, failing_since = 0, None
     while not stop.is_set():
+        started = time.perf_counter()
         try:
             shipped = _flush_batch(batch_size=batch_size, upto=upto, config=config, report=report)
         except (InfluxDBUnavailable, DatabaseError) as e:
+            FLUSH_ERRORS.inc()
             report.failures += 1
             consecutive += 1
             if isinstance(e, DatabaseError) and not connection.in_atomic_block:
@@ -507,6 +510,8 @@ def _flush_worker(
             logger.warning("Metrics flush recovered after %.0f s", time.monotonic() - failing_since)
             consecutive, failing_since = 0, None
         if shipped:
+            FLUSH_SECONDS.observe(time.perf_counter() - started)
+            FLUSHED_POINTS.inc(shipped)
             if on_batch:
                 on_batch(shipped)
             continue

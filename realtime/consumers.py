@@ -43,6 +43,13 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from agents.selectors import agent_tenants
+from freeagentics.telemetry import (
+    WS_CONNECTIONS,
+    WS_DELIVERY_SECONDS,
+    WS_FRAMES_DROPPED,
+    WS_FRAMES_SENT,
+    WS_OVERFLOW_NOTICES,
+)
 from realtime.auth import SERVER_SEND, SUBPROTOCOL, Principal, query_param
 from realtime.hub import FULL_BELIEFS, SHAPE_ONLY, STATISTICS, Routes, hub
 from realtime.logs import problems, refusals
@@ -192,6 +199,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.conflate: float | None = None
         self._control: deque[str] = deque(maxlen=CONTROL_QUEUE_SIZE)
         self._updates: deque[str] = deque(maxlen=max(1, settings.WS_QUEUE_SIZE))
+        # Commit times of the queued updates, dropped and popped with them.
+        self._committed: deque[float | None] = deque(maxlen=self._updates.maxlen)
         self._latest: dict[str, str] | None = None
         self._dropped = 0
         self._wake = asyncio.Event()
@@ -201,6 +210,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self._open = False
         self._streaming = False
         self._done = False
+        self._counted = False
 
     # Subclass hooks ---------------------------------------------------------------
 
@@ -291,6 +301,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await self.close(code=refusal.code, reason=close_reason(refusal.reason))
             return
         await self.accept(subprotocol)
+        WS_CONNECTIONS.inc()
+        self._counted = True
         self._streaming = True
         self._writer = asyncio.ensure_future(self._write())
 
@@ -303,10 +315,13 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if self._done:
             return
         self._done = True
+        if self._counted:
+            WS_CONNECTIONS.dec()
         if self._writer is not None and self._writer is not asyncio.current_task():
             self._writer.cancel()
         self._control.clear()
         self._updates.clear()
+        self._committed.clear()
         self._latest = None
         if not self._open:
             return
@@ -361,7 +376,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     def belief_access(self, agent_id: str) -> int:
         return SHAPE_ONLY
 
-    def push(self, agent_id: str, frame: str) -> None:
+    def push(self, agent_id: str, frame: str, committed: float | None = None) -> None:
         if self._done:
             return
         if self._latest is not None:
@@ -369,7 +384,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             return
         if len(self._updates) == self._updates.maxlen:
             self._dropped += 1
+            WS_FRAMES_DROPPED.inc()
         self._updates.append(frame)
+        self._committed.append(committed)
         self._wake.set()
 
     def reply(self, content: dict, request: dict | None = None) -> None:
@@ -390,7 +407,11 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 dropped,
                 count=dropped,
             )
+            WS_OVERFLOW_NOTICES.inc()
             return dumps_ascii({"type": "overflow", "dropped": dropped})
+        committed = self._committed.popleft()
+        if committed is not None:
+            WS_DELIVERY_SECONDS.observe(time.time() - committed)
         return self._updates.popleft()
 
     async def _write(self) -> None:
@@ -413,6 +434,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 while self._control or (deadline is None and self._updates):
                     frame = self._control.popleft() if self._control else self._next_update()
                     await send({"type": "websocket.send", "text": frame})
+                    WS_FRAMES_SENT.inc()
                     sent += 1
                     if sent % FRAMES_PER_TURN == 0:
                         await asyncio.sleep(0)
@@ -422,6 +444,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                         frames, self._latest = list(self._latest.values()), {}
                         text = '{"type":"conflated","messages":[' + ",".join(frames) + "]}"
                         await send({"type": "websocket.send", "text": text})
+                        WS_FRAMES_SENT.inc()
         except asyncio.CancelledError:
             raise
         except OSError:

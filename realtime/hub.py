@@ -39,7 +39,7 @@ class Connection(Protocol):
 
     token_id: uuid.UUID | None
 
-    def push(self, agent_id: str, frame: str) -> None: ...
+    def push(self, agent_id: str, frame: str, committed: float | None = None) -> None: ...
 
     def belief_access(self, agent_id: str) -> int:
         """SHAPE_ONLY, STATISTICS or FULL_BELIEFS for this agent's frames."""
@@ -93,7 +93,9 @@ class Routes:
             if not watchers:
                 del self.agents[agent_id]
 
-    def deliver(self, agent_id: str, frame: str, token: bytes | None) -> None:
+    def deliver(
+        self, agent_id: str, frame: str, token: bytes | None, committed: float | None = None
+    ) -> None:
         watchers = self.agents.get(agent_id)
         if watchers:
             targets = self.stream | watchers if self.stream else watchers
@@ -103,7 +105,7 @@ class Routes:
             return
         if token is None:
             for conn in targets:
-                conn.push(agent_id, frame)
+                conn.push(agent_id, frame, committed)
             return
         # Built at most once per access level, however many connections share it.
         frames = {SHAPE_ONLY: frame}
@@ -112,7 +114,7 @@ class Routes:
             built = frames.get(access)
             if built is None:
                 built = frames[access] = _with_beliefs(agent_id, frame, token, access)
-            conn.push(agent_id, built)
+            conn.push(agent_id, built, committed)
 
 
 class Hub:
@@ -186,10 +188,11 @@ class Hub:
         routes = self.tenants.get(message["tenant"])
         if routes is None:
             return
+        committed = message.get("timestamp")
         for agent_id, frame, token in zip(
             message["agents"], message["frames"], message["tokens"], strict=True
         ):
-            routes.deliver(agent_id, frame, token)
+            routes.deliver(agent_id, frame, token, committed)
 
     async def _receive_loop(self) -> None:
         failing = False

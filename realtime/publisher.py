@@ -37,6 +37,7 @@ from django.db import transaction
 from agents.beliefs import belief_shape
 from agents.encryption import encrypt_array
 from agents.types import AgentState
+from freeagentics.telemetry import PUBLISHER_BACKLOG
 from realtime.logs import problems
 from realtime.protocol import (
     BATCH,
@@ -54,7 +55,11 @@ from realtime.protocol import (
 logger = logging.getLogger(__name__)
 
 
-def _batches(tenant_id: str, agents: list, frames: list, tokens: list) -> list[tuple[str, dict]]:
+def _batches(
+    tenant_id: str, agents: list, frames: list, tokens: list, timestamp: float
+) -> list[tuple[str, dict]]:
+    # timestamp: the commit's; a merged batch keeps its first (oldest) one, so the
+    # delivery latency measured from it is never understated.
     chunk = max(1, settings.REALTIME_PUBLISH_CHUNK)
     return [
         (
@@ -65,6 +70,7 @@ def _batches(tenant_id: str, agents: list, frames: list, tokens: list) -> list[t
                 "agents": agents[i : i + chunk],
                 "frames": frames[i : i + chunk],
                 "tokens": tokens[i : i + chunk],
+                "timestamp": timestamp,
             },
         )
         for i in range(0, len(agents), chunk)
@@ -87,7 +93,7 @@ def _state_batch(tenant_id: str, event: str, items: list, timestamp: float) -> l
         agents.append(agent_id)
         frames.append(dumps(message))
         tokens.append(token)
-    return _batches(tenant_id, agents, frames, tokens)
+    return _batches(tenant_id, agents, frames, tokens, timestamp)
 
 
 def publish_agent_states(
@@ -125,7 +131,7 @@ def publish_agent_deleted(*, tenant_id, agent_id) -> None:
 
     def build(timestamp: float) -> list:
         message = {"agent_id": agent, "type": EVENT_DELETED, "data": {}, "timestamp": timestamp}
-        return _batches(tenant, [agent], [dumps(message)], [None])
+        return _batches(tenant, [agent], [dumps(message)], [None], timestamp)
 
     transaction.on_commit(lambda: publisher.submit(functools.partial(build, time.time())))
 
@@ -275,3 +281,4 @@ class Publisher:
 
 
 publisher = Publisher()
+PUBLISHER_BACKLOG.set_function(lambda: publisher._backlog)

@@ -13,6 +13,7 @@ ORDER = [
     "README-operations.md",
     "README-partitions.md",
     "README-admin.md",
+    "README-monitoring.md",
     "README-reliability.md",
 ]
 

@@ -66,6 +66,11 @@ SYSTEM_PACKAGES = {
     "chromium": "chromium",
     "chromedriver": "chromium-driver",
     "age": "age",
+    "prometheus": "prometheus",
+    "promtool": "prometheus",
+    # A PostgreSQL of the tests' own (tests/postgres_cluster.py: pg_stat_statements,
+    # later replicas); not on PATH in Debian.
+    "/usr/lib/postgresql/15/bin/initdb": "postgresql-15",
 }
 PYTEST_NO_TESTS_COLLECTED = 5
 PR_SET_PDEATHSIG = 1
@@ -181,6 +186,12 @@ def ensure_system_packages() -> None:
             f"install the Debian packages {' '.join(packages)}, or the tests using them fail"
         )
         return
+    if "postgresql-15" in packages:
+        # The package would create and start a cluster on 5432; the tests start their own.
+        conf = Path("/etc/postgresql-common/createcluster.conf")
+        if not conf.exists():
+            conf.parent.mkdir(parents=True, exist_ok=True)
+            conf.write_text("create_main_cluster = false\n")
     apt_install(packages)
     still_missing = [binary for binary in missing if not shutil.which(binary)]
     if still_missing:

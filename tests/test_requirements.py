@@ -23,7 +23,8 @@ IMPORT_EVERYTHING = """
 import importlib, pkgutil, sys
 import django
 django.setup()
-for package in ("freeagentics", "agents", "coalitions", "metrics", "backups"):
+APPS = ("freeagentics", "agents", "coalitions", "metrics", "realtime", "backups", "monitoring")
+for package in APPS:
     root = importlib.import_module(package)
     for module in pkgutil.walk_packages(root.__path__, package + "."):
         if ".migrations." not in module.name:

@@ -5,6 +5,7 @@ from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from freeagentics.progress import Progress
+from freeagentics.telemetry import serve_on_port
 from metrics.exceptions import InfluxDBUnavailable
 from metrics.selectors import outbox_status
 from metrics.services import outbox_flush, outbox_requeue_rejected
@@ -30,12 +31,20 @@ class Command(BaseCommand):
             "--interval", type=float, default=1.0, help="--follow: seconds between empty polls."
         )
         parser.add_argument(
+            "--prometheus-port",
+            type=int,
+            help="--follow: serve this process's flusher figures for Prometheus on "
+            "127.0.0.1:PORT/metrics.",
+        )
+        parser.add_argument(
             "--requeue-rejected",
             action="store_true",
             help="First move points InfluxDB rejected back into the outbox.",
         )
 
     def handle(self, *args, **options):
+        if options["prometheus_port"] is not None:
+            self._serve_prometheus(options["prometheus_port"])
         if options["requeue_rejected"]:
             self.stdout.write(f"{outbox_requeue_rejected()} rejected point(s) requeued")
         stop = threading.Event()
@@ -69,6 +78,15 @@ class Command(BaseCommand):
                 f"{report.rejected} rejected; {outbox_status().pending} wait in the outbox"
             )
         )
+
+    def _serve_prometheus(self, port: int) -> None:
+        if not 0 < port < 65536:
+            raise CommandError(f"--prometheus-port: {port} is not a TCP port (1-65535)")
+        try:
+            serve_on_port(port)
+        except OSError as e:
+            raise CommandError(f"--prometheus-port: cannot listen on 127.0.0.1:{port}: {e}") from e
+        self.stdout.write(f"Prometheus figures on http://127.0.0.1:{port}/metrics")
 
     def _waiting(self) -> str:
         return f"({outbox_status().pending} point(s) wait in the outbox, intact.)"
