@@ -270,7 +270,8 @@ def test_system_packages_already_present_need_no_apt(monkeypatch):
 
 
 def test_missing_system_packages_are_installed_after_one_apt_update(monkeypatch):
-    installed = {"apt-get", "influxd", "chromium", "age"}
+    installed = {"apt-get", "influxd", "chromium", "age", "prometheus", "promtool"}
+    installed.add("/usr/lib/postgresql/15/bin/initdb")
     calls = []
 
     def fake_run(argv, **kwargs):
