@@ -8,7 +8,12 @@ class MonitoringConfig(AppConfig):
     name = "monitoring"
 
     def ready(self):
+        from django.contrib import admin
+
         from monitoring import collectors, hooks
 
         hooks.install()
         collectors.register()
+        # The index links to System health without a custom AdminSite, which every
+        # app's @admin.register would then have to name.
+        admin.site.index_template = "monitoring/admin_index.html"

@@ -14,6 +14,8 @@ ORDER = [
     "README-partitions.md",
     "README-admin.md",
     "README-monitoring.md",
+    "README-monitoring-health.md",
+    "README-monitoring-alerts.md",
     "README-reliability.md",
 ]
 

@@ -6,6 +6,7 @@ import urllib.request
 from urllib.parse import urlsplit
 
 import pytest
+from django import db
 
 from agents.services import agents_update_states
 from agents.types import AgentStateUpdate
@@ -36,6 +37,18 @@ def scraped_server(django_db_setup, tmp_path):
             prometheus.stop()
 
 
+def update_and_hand_back(agents) -> None:
+    """The update, on a worker thread whose connection is closed after: left open, it keeps
+    the test database from being dropped at the end of the session."""
+    try:
+        agents_update_states(
+            tenant=agents[0].tenant,
+            updates=[AgentStateUpdate(a.pk, energy_level=50) for a in agents],
+        )
+    finally:
+        db.connections.close_all()
+
+
 def test_prometheus_stores_what_the_traffic_was(scraped_server, tenant):
     http, ws_url, prometheus = scraped_server
     assert prometheus.wait_for('up{job="freeagentics"}', 1.0) == 1.0, prometheus.log()[-2000:]
@@ -54,11 +67,7 @@ def test_prometheus_stores_what_the_traffic_was(scraped_server, tenant):
             connections = await asyncio.to_thread(
                 prometheus.wait_for, "sum(freeagentics_websocket_connections)", WATCHERS
             )
-            await asyncio.to_thread(
-                agents_update_states,
-                tenant=tenant,
-                updates=[AgentStateUpdate(a.pk, energy_level=50) for a in agents],
-            )
+            await asyncio.to_thread(update_and_hand_back, agents)
             for ws in sockets:
                 for _ in range(UPDATES):
                     assert (await recv_json(ws))["type"] == "agent.updated"

@@ -176,7 +176,12 @@ def test_a_failing_figure_source_is_reported_and_the_scrape_still_answers(
     assert response.status_code == 200
     families = _families(response.content)
     up = families["freeagentics_monitoring_source_up"].samples
-    assert [(s.labels["source"], s.value) for s in up] == [("outbox", 0.0)]
+    assert sorted((s.labels["source"], s.value) for s in up) == [
+        ("backups", 1.0),
+        ("outbox", 0.0),
+        ("partitions", 1.0),
+        ("replication", 1.0),
+    ]
     assert "freeagentics_metrics_outbox_points" not in families
 
 
