@@ -47,6 +47,7 @@ TOUR = {
     ),
     "tenant-overview": ("tour-tenant-overview.png", None),
     "outbox": ("tour-metrics-outbox.png", None),
+    "health": ("tour-system-health.png", None),
 }
 
 ISO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d")
@@ -175,6 +176,7 @@ def _pages(world) -> dict[str, str]:
         "outbox": "/admin/metrics/outboxpoint/",
         "rejected": "/admin/metrics/rejectedpoint/",
         "dropped": "/admin/metrics/droppedpoints/",
+        "health": "/admin/health/",
     }
 
 
