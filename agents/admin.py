@@ -24,6 +24,7 @@ from agents.admin_scoping import (
     csv_response,
     is_unscoped,
     json_field_display,
+    main_fieldset,
     service_errors_as_form_errors,
     status_action,
 )
@@ -178,19 +179,7 @@ class AgentAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     actions = ["suspend_agents", "activate_agents", "export_csv"]
     add_fieldsets = [(None, {"fields": ["tenant", *_CREATED_WITH]})]
     fieldsets = [
-        (
-            None,
-            {
-                "fields": [
-                    "id",
-                    "tenant",
-                    *_CREATED_WITH,
-                    "last_active_at",
-                    "created_at",
-                    "updated_at",
-                ]
-            },
-        ),
+        main_fieldset(*_CREATED_WITH, "last_active_at", "created_at", "updated_at"),
         ("Beliefs", {"fields": ["belief_state_summary"]}),
         ("Neighbourhood", {"fields": ["neighbourhood_map"]}),
         ("Metrics", {"fields": ["metrics_chart"]}),
@@ -393,21 +382,14 @@ class ApiTokenAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     actions = ["revoke_tokens"]
     add_fieldsets = [(None, {"fields": ["tenant", "name", "can_read_beliefs"]})]
     fieldsets = [
-        (
-            None,
-            {
-                "fields": [
-                    "id",
-                    "tenant",
-                    "name",
-                    "prefix",
-                    "can_read_beliefs",
-                    "created_by",
-                    "created_at",
-                    "last_used_at",
-                    "revoked_at",
-                ]
-            },
+        main_fieldset(
+            "name",
+            "prefix",
+            "can_read_beliefs",
+            "created_by",
+            "created_at",
+            "last_used_at",
+            "revoked_at",
         )
     ]
 

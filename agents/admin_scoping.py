@@ -199,6 +199,12 @@ def json_field_display(field: str, description: str):
     return display
 
 
+def main_fieldset(*fields: str) -> tuple:
+    """The first, untitled section of a tenant-owned object's change form: its id and
+    tenant (dropped for operators, see TenantScopedAdminMixin), then `fields`."""
+    return (None, {"fields": ["id", "tenant", *fields]})
+
+
 def status_action(description: str, status: str, verb: str):
     """An admin action (permission: change) moving the selected rows to `status`
     through the admin's `_set_status(request, queryset, status, verb)`."""

@@ -114,6 +114,18 @@ class AgentSpec:
     status: str = AgentStatus.ACTIVE
     personality_traits: dict | None = None
 
+    def model_fields(self) -> dict:
+        """The Agent fields this spec sets, for Agent(tenant=..., **spec.model_fields())."""
+        return {
+            "name": self.name,
+            "agent_type": self.agent_type,
+            "belief_state": self.beliefs,
+            "energy_level": self.energy_level,
+            "location_h3": self.location_h3,
+            "status": self.status,
+            "personality_traits": self.personality_traits,
+        }
+
 
 def _at_position(error: ValidationError, where: str) -> ValidationError:
     """In a batch of thousands, say which item broke the rule."""
@@ -148,16 +160,7 @@ def agent_create(*, tenant: Tenant, spec: AgentSpec) -> AgentState:
     """Create one agent. Raises ValidationError naming the offending field."""
     spec = _validated_spec(spec)
     with transaction.atomic():
-        agent = Agent.objects.create(
-            tenant=tenant,
-            name=spec.name,
-            agent_type=spec.agent_type,
-            belief_state=spec.beliefs,
-            energy_level=spec.energy_level,
-            location_h3=spec.location_h3,
-            status=spec.status,
-            personality_traits=spec.personality_traits,
-        )
+        agent = Agent.objects.create(tenant=tenant, **spec.model_fields())
         agent.refresh_from_db(fields=["last_active_at", "updated_at"])
         state = AgentState(
             id=agent.id,

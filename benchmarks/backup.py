@@ -284,6 +284,19 @@ def measure(label: str, agents: int, history: int, runs: int, work: Path) -> dic
     return info
 
 
+def _against_baseline(samples: dict, baseline: str, step: str) -> str:
+    """The rest of a table row: the medians of the baseline program, then of our process,
+    command and +enc command for `step`, each with its ratio to the baseline."""
+    s = {k: statistics.median(v) for k, v in samples.items()}
+    base, process = s[baseline], s[step]
+    command, encrypted = s[f"cmd_{step}"], s[f"cmd_{step}_enc"]
+    return (
+        f"| {base:.1f}s | {process:.1f}s | {process / base:.2f} "
+        f"| {command:.1f}s | **{command / base:.2f}** "
+        f"| {encrypted:.1f}s | {encrypted / base:.2f} |"
+    )
+
+
 def write_report(results: dict, args, path: Path) -> None:
     med = statistics.median
     lines = [
@@ -312,14 +325,10 @@ def write_report(results: dict, args, path: Path) -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, info in results.items():
-        s = {k: med(v) for k, v in info["samples"].items()}
         db_mib, dump_mib = info["db_bytes"] / 2**20, info["dump_bytes"] / 2**20
-        base = s["pg_dump"]
         lines.append(
-            f"| {label} | {db_mib:.0f} MiB | {dump_mib:.0f} MiB | {base:.1f}s "
-            f"| {s['backup']:.1f}s | {s['backup'] / base:.2f} "
-            f"| {s['cmd_backup']:.1f}s | **{s['cmd_backup'] / base:.2f}** "
-            f"| {s['cmd_backup_enc']:.1f}s | {s['cmd_backup_enc'] / base:.2f} |"
+            f"| {label} | {db_mib:.0f} MiB | {dump_mib:.0f} MiB "
+            + _against_baseline(info["samples"], "pg_dump", "backup")
         )
     lines += [
         "",
@@ -328,13 +337,7 @@ def write_report(results: dict, args, path: Path) -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for label, info in results.items():
-        s = {k: med(v) for k, v in info["samples"].items()}
-        base = s["pg_restore"]
-        lines.append(
-            f"| {label} | {base:.1f}s | {s['restore']:.1f}s | {s['restore'] / base:.2f} "
-            f"| {s['cmd_restore']:.1f}s | **{s['cmd_restore'] / base:.2f}** "
-            f"| {s['cmd_restore_enc']:.1f}s | {s['cmd_restore_enc'] / base:.2f} |"
-        )
+        lines.append(f"| {label} " + _against_baseline(info["samples"], "pg_restore", "restore"))
     lines += [
         "",
         "Python + Django start-up (`django.setup()`, median of 3): "

@@ -19,6 +19,7 @@ from agents.admin_scoping import (
     adopt_created,
     csv_response,
     json_field_display,
+    main_fieldset,
     service_errors_as_form_errors,
     status_action,
 )
@@ -116,20 +117,8 @@ class CoalitionAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
         )
     ]
     fieldsets = [
-        (
-            None,
-            {
-                "fields": [
-                    "id",
-                    "tenant",
-                    "name",
-                    "business_model",
-                    "status",
-                    "created_at",
-                    "updated_at",
-                    "dissolved_at",
-                ]
-            },
+        main_fieldset(
+            "name", "business_model", "status", "created_at", "updated_at", "dissolved_at"
         ),
         (
             "Capital and revenue",

@@ -14,6 +14,7 @@ from django.core.validators import validate_slug
 from django.db import transaction
 
 from agents.models import Agent, AgentStatus, Tenant
+from agents.services import AgentSpec
 from coalitions.models import BusinessModel, Coalition, CoalitionMember, CoalitionStatus
 
 # Berlin, Alexanderplatz; resolution 9 cells are ~0.1 km², so a ring of radius 6 covers
@@ -47,17 +48,6 @@ AGENTS_OUT_OF_RANGE = "agents must be between 1 and {max}, got {value}."
 
 
 @dataclass(frozen=True)
-class DemoAgentSpec:
-    name: str
-    agent_type: str
-    belief_state: np.ndarray
-    energy_level: int
-    personality_traits: dict[str, float]
-    status: str
-    location_h3: str
-
-
-@dataclass(frozen=True)
 class DemoCoalitionSpec:
     name: str
     business_model: str
@@ -69,7 +59,7 @@ class DemoCoalitionSpec:
 
 @dataclass(frozen=True)
 class DemoPlan:
-    agents: tuple[DemoAgentSpec, ...]
+    agents: tuple[AgentSpec, ...]
     coalitions: tuple[DemoCoalitionSpec, ...]
 
 
@@ -109,10 +99,10 @@ def demo_plan(*, agents: int = 200, seed: int = 42) -> DemoPlan:
         cell = cells[int(rng.integers(len(cells)))]
         agent_type = AGENT_TYPES[int(rng.integers(len(AGENT_TYPES)))]
         specs.append(
-            DemoAgentSpec(
+            AgentSpec(
                 name=f"demo-agent-{i + 1:04d}",
                 agent_type=agent_type,
-                belief_state=belief,
+                beliefs=belief,
                 energy_level=energy,
                 personality_traits=traits,
                 status=status,
@@ -146,6 +136,16 @@ def demo_plan(*, agents: int = 200, seed: int = 42) -> DemoPlan:
     return DemoPlan(agents=tuple(specs), coalitions=tuple(coalitions))
 
 
+def _missing(model, tenant: Tenant, specs, row) -> list:
+    """row(spec) for each spec whose name has no `model` row in the tenant yet."""
+    existing = set(
+        model.objects.filter(tenant=tenant, name__in=[spec.name for spec in specs]).values_list(
+            "name", flat=True
+        )
+    )
+    return [row(spec) for spec in specs if spec.name not in existing]
+
+
 def demo_load(*, tenant_slug: str = "demo-city", agents: int = 200, seed: int = 42) -> DemoCounts:
     """Create (or complete) the demo tenant: agents spread over Berlin, and coalitions.
 
@@ -163,34 +163,16 @@ def demo_load(*, tenant_slug: str = "demo-city", agents: int = 200, seed: int = 
         # loads (two run.sh on one database) wait for each other instead of duplicating.
         tenant = Tenant.objects.select_for_update().get(pk=tenant.pk)
 
-        existing = set(
-            Agent.objects.filter(tenant=tenant, name__in=[a.name for a in plan.agents]).values_list(
-                "name", flat=True
-            )
+        new_agents = _missing(
+            Agent, tenant, plan.agents, lambda spec: Agent(tenant=tenant, **spec.model_fields())
         )
-        new_agents = [
-            Agent(
-                tenant=tenant,
-                name=spec.name,
-                agent_type=spec.agent_type,
-                belief_state=spec.belief_state,
-                energy_level=spec.energy_level,
-                personality_traits=spec.personality_traits,
-                status=spec.status,
-                location_h3=spec.location_h3,
-            )
-            for spec in plan.agents
-            if spec.name not in existing
-        ]
         Agent.objects.bulk_create(new_agents, batch_size=500)
 
-        existing_coalitions = set(
-            Coalition.objects.filter(
-                tenant=tenant, name__in=[c.name for c in plan.coalitions]
-            ).values_list("name", flat=True)
-        )
-        new_coalitions = [
-            Coalition(
+        new_coalitions = _missing(
+            Coalition,
+            tenant,
+            plan.coalitions,
+            lambda spec: Coalition(
                 tenant=tenant,
                 name=spec.name,
                 business_model=spec.business_model,
@@ -198,10 +180,8 @@ def demo_load(*, tenant_slug: str = "demo-city", agents: int = 200, seed: int = 
                 initial_capital=spec.initial_capital,
                 current_capital=spec.initial_capital,
                 formation_criteria={"city": "Berlin", "h3_resolution": H3_RESOLUTION},
-            )
-            for spec in plan.coalitions
-            if spec.name not in existing_coalitions
-        ]
+            ),
+        )
         Coalition.objects.bulk_create(new_coalitions)
 
         agent_ids = dict(Agent.objects.filter(tenant=tenant).values_list("name", "id"))

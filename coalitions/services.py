@@ -55,6 +55,14 @@ def _locked_coalition(tenant: Tenant, coalition_id: uuid.UUID) -> Coalition:
         ) from None
 
 
+def _save_changes(row, changes: dict) -> None:
+    """Set the changed fields and save only those; no query when nothing changed."""
+    for field, value in changes.items():
+        setattr(row, field, value)
+    if changes:
+        row.save(update_fields=list(changes))
+
+
 def _decimal(value) -> Decimal:
     """Numbers and their string forms; bools and other types are refused (str(True) and
     str([1]) would otherwise reach Decimal, and Decimal(1e400) is infinite)."""
@@ -181,10 +189,7 @@ def coalition_update(
         coalition = _locked_coalition(tenant, coalition_id)
         if coalition.status == CoalitionStatus.DISSOLVED:
             raise ValidationError({"status": DISSOLVED_FROZEN.format(coalition_id=coalition_id)})
-        for field, value in changes.items():
-            setattr(coalition, field, value)
-        if changes:
-            coalition.save(update_fields=list(changes))
+        _save_changes(coalition, changes)
     return coalition
 
 
@@ -209,10 +214,7 @@ def coalition_member_update(
         member = CoalitionMember.objects.filter(coalition=coalition, agent_id=agent_id).first()
         if member is None:
             raise ValidationError({"agent_id": NOT_MEMBER.format(agent_id=agent_id)})
-        for field, value in changes.items():
-            setattr(member, field, value)
-        if changes:
-            member.save(update_fields=list(changes))
+        _save_changes(member, changes)
     return member
 
 

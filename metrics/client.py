@@ -191,16 +191,14 @@ def write_lines(body: bytes, *, config: Config | None = None) -> None:
                 write_precision=_lib().WritePrecision.NS,
             )
         else:
-            params = {"db": config.database, "precision": "ns"}
-            if config.retention_policy:
-                params["rp"] = config.retention_policy
-            client.api_client.call_api(
+            _call_v1(
+                client,
+                config,
                 "/write",
                 "POST",
-                query_params=params,
-                header_params={"Content-Type": "text/plain; charset=utf-8"},
+                {"precision": "ns"},
+                {"Content-Type": "text/plain; charset=utf-8"},
                 body=body,
-                _return_http_data_only=True,
             )
 
 
@@ -210,17 +208,15 @@ def query_influxql(query: str, *, config: Config | None = None) -> list[dict]:
     InfluxDBQueryError or ImproperlyConfigured."""
     config = config or load_config()
     client, _ = _client(config)
-    params = {"db": config.database, "q": query, "epoch": "s"}
-    if config.retention_policy:
-        params["rp"] = config.retention_policy
     with _errors_translated(config, "/query"):
-        response = client.api_client.call_api(
+        response = _call_v1(
+            client,
+            config,
             "/query",
             "GET",
-            query_params=params,
-            header_params={"Accept": "application/json"},
+            {"q": query, "epoch": "s"},
+            {"Accept": "application/json"},
             _preload_content=False,
-            _return_http_data_only=True,
         )
     try:
         payload = json.loads(response.data)
@@ -237,6 +233,22 @@ def query_influxql(query: str, *, config: Config | None = None) -> list[dict]:
             )
         raise InfluxDBQueryError(f"InfluxDB at {config.url}: {error}")
     return results[0].get("series", [])
+
+
+def _call_v1(client, config: Config, path: str, method: str, params: dict, headers: dict, **kw):
+    """Call one of the 1.x endpoints that act on a database (/write, /query): the database
+    and, when set, the retention policy join params."""
+    params = {"db": config.database, **params}
+    if config.retention_policy:
+        params["rp"] = config.retention_policy
+    return client.api_client.call_api(
+        path,
+        method,
+        query_params=params,
+        header_params=headers,
+        _return_http_data_only=True,
+        **kw,
+    )
 
 
 def query_flux(query: str, params: dict, *, config: Config | None = None) -> list[dict]:

@@ -329,6 +329,20 @@ class Stack:
         self.children.append(child)
         return child
 
+    def spawn_server(self, name: str, argv: list, logfile: Path, **kwargs) -> Child:
+        """spawn() a database server: no stdin, its output appended to logfile, and 15 s
+        to stop before it is killed."""
+        with open(logfile, "ab") as out:
+            return self.spawn(
+                name,
+                argv,
+                grace=15,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                **kwargs,
+            )
+
     def run_step(self, name: str, argv: list) -> None:
         log(f"running {name}")
         child = self.spawn(name, argv, cwd=ROOT)
@@ -350,6 +364,25 @@ class Stack:
         for child in reversed(self.children):
             child.stop()
         self.children.clear()
+
+
+@contextlib.contextmanager
+def _stopping_stack():
+    """A Stack for a command's block, every child stopped when it ends. SIGINT and SIGTERM
+    raise Stop inside the block (logged here; the command picks its exit status) and are
+    ignored while the children stop."""
+    stack = Stack()
+    signal.signal(signal.SIGINT, _raise_stop)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        yield stack
+    except Stop as e:
+        log(f"{e} received; stopping")
+        raise
+    finally:
+        signal.signal(signal.SIGINT, _ignore_while_stopping)
+        signal.signal(signal.SIGTERM, _ignore_while_stopping)
+        stack.stop_all()
 
 
 def _raise_stop(signum, frame):
@@ -482,30 +515,26 @@ def start_postgres(stack: Stack, data: Path, port: int, database: str) -> str:
         raise DevstackError(f"initdb failed: {e}") from e
 
     log(f"starting PostgreSQL {version} on 127.0.0.1:{port} (log: {logfile})")
-    with open(logfile, "ab") as out:
-        child = stack.spawn(
-            "postgres",
-            [
-                server.bin_path / "postgres",
-                "-D",
-                pgdata,
-                "-p",
-                port,
-                "-c",
-                "listen_addresses=127.0.0.1",
-                # TCP only: a socket path under a deep data folder can exceed 107 bytes.
-                "-c",
-                "unix_socket_directories=",
-            ],
-            # SIGINT is PostgreSQL's fast shutdown: it ends sessions instead of waiting.
-            stop_signal=signal.SIGINT,
-            grace=15,
-            user=server.system_user,
-            cwd=pgdata,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    child = stack.spawn_server(
+        "postgres",
+        [
+            server.bin_path / "postgres",
+            "-D",
+            pgdata,
+            "-p",
+            port,
+            "-c",
+            "listen_addresses=127.0.0.1",
+            # TCP only: a socket path under a deep data folder can exceed 107 bytes.
+            "-c",
+            "unix_socket_directories=",
+        ],
+        logfile,
+        # SIGINT is PostgreSQL's fast shutdown: it ends sessions instead of waiting.
+        stop_signal=signal.SIGINT,
+        user=server.system_user,
+        cwd=pgdata,
+    )
     url = f"postgres://postgres@127.0.0.1:{port}/{database}"
     _wait_until("PostgreSQL", lambda: postgres_answers(url, timeout=1), child, logfile)
     _create_database(port, database)
@@ -535,22 +564,18 @@ def start_redis(stack: Stack, data: Path, port: int, db: int = 0) -> str:
     redis_dir.mkdir(parents=True, exist_ok=True)
     logfile.parent.mkdir(parents=True, exist_ok=True)
     log(f"starting Redis on 127.0.0.1:{port} (log: {logfile})")
-    with open(logfile, "ab") as out:
-        child = stack.spawn(
-            "redis",
-            [
-                *[binary, "--port", port, "--bind", "127.0.0.1", "--dir", redis_dir],
-                # Written even in the foreground when named; a second run checks it.
-                *["--pidfile", redis_dir / REDIS_PIDFILE],
-            ],
-            # Redis saves its snapshot on SIGTERM, so the data is there next run.
-            stop_signal=signal.SIGTERM,
-            grace=15,
-            cwd=redis_dir,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    child = stack.spawn_server(
+        "redis",
+        [
+            *[binary, "--port", port, "--bind", "127.0.0.1", "--dir", redis_dir],
+            # Written even in the foreground when named; a second run checks it.
+            *["--pidfile", redis_dir / REDIS_PIDFILE],
+        ],
+        logfile,
+        # Redis saves its snapshot on SIGTERM, so the data is there next run.
+        stop_signal=signal.SIGTERM,
+        cwd=redis_dir,
+    )
     url = f"redis://127.0.0.1:{port}/{db}"
     _wait_until("Redis", lambda: redis_answers(url, timeout=1), child, logfile)
     return url
@@ -578,6 +603,16 @@ def _tcp_answers(host: str, port: int) -> bool:
 # --- commands ---------------------------------------------------------------------------
 
 
+def _exported_url(what: str, variable: str, answers) -> str:
+    """The service URL exported in `variable`, which must answer; "" when none is."""
+    url = os.environ.get(variable)
+    if url:
+        log(f"using {variable}={redact(url)}")
+        if not answers(url):
+            raise DevstackError(f"{what} at {redact(url)} does not answer")
+    return url or ""
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     # The development stack always means the real settings with development defaults.
     os.environ["DEBUG"] = "1"
@@ -592,71 +627,59 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not port_is_free(args.host, args.port):
         raise DevstackError(f"{args.host}:{args.port} is in use; pick another with --port")
 
-    stack = Stack()
-    signal.signal(signal.SIGINT, _raise_stop)
-    signal.signal(signal.SIGTERM, _raise_stop)
     try:
-        database_url = os.environ.get("DATABASE_URL")
-        if database_url:
-            log(f"using DATABASE_URL={redact(database_url)}")
-            if not postgres_answers(database_url):
-                raise DevstackError(f"PostgreSQL at {redact(database_url)} does not answer")
-        else:
-            port = choose_port("PostgreSQL", args.pg_port, PG_PREFERRED_PORT)
-            database_url = start_postgres(stack, data, port, DEV_DATABASE)
-        redis_url = os.environ.get("REDIS_URL")
-        if redis_url:
-            log(f"using REDIS_URL={redact(redis_url)}")
-            if not redis_answers(redis_url):
-                raise DevstackError(f"Redis at {redact(redis_url)} does not answer")
-        else:
-            port = choose_port("Redis", args.redis_port, REDIS_PREFERRED_PORT)
-            redis_url = start_redis(stack, data, port)
-        os.environ["DATABASE_URL"] = database_url
-        os.environ["REDIS_URL"] = redis_url
+        with _stopping_stack() as stack:
+            database_url = _exported_url("PostgreSQL", "DATABASE_URL", postgres_answers)
+            if not database_url:
+                port = choose_port("PostgreSQL", args.pg_port, PG_PREFERRED_PORT)
+                database_url = start_postgres(stack, data, port, DEV_DATABASE)
+            redis_url = _exported_url("Redis", "REDIS_URL", redis_answers)
+            if not redis_url:
+                port = choose_port("Redis", args.redis_port, REDIS_PREFERRED_PORT)
+                redis_url = start_redis(stack, data, port)
+            os.environ["DATABASE_URL"] = database_url
+            os.environ["REDIS_URL"] = redis_url
 
-        manage = [sys.executable, ROOT / "manage.py"]
-        stack.run_step("migrate", [*manage, "migrate", "--noinput"])
-        stack.run_step("seed_demo", [*manage, "seed_demo"])
-        password_file = data / "admin-password.txt"
-        before = _read_or_none(password_file)
-        stack.run_step("ensure_admin", [*manage, "ensure_admin", "--password-file", password_file])
-        admin_login = _admin_login_hint(password_file, before)
+            manage = [sys.executable, ROOT / "manage.py"]
+            stack.run_step("migrate", [*manage, "migrate", "--noinput"])
+            stack.run_step("seed_demo", [*manage, "seed_demo"])
+            password_file = data / "admin-password.txt"
+            before = _read_or_none(password_file)
+            stack.run_step(
+                "ensure_admin", [*manage, "ensure_admin", "--password-file", password_file]
+            )
+            admin_login = _admin_login_hint(password_file, before)
 
-        uvicorn = stack.spawn(
-            "uvicorn",
-            [
-                *[sys.executable, "-m", "uvicorn", "freeagentics.asgi:application"],
-                *["--host", args.host, "--port", args.port],
-                # Django's ASGI handler speaks no lifespan protocol; skip the warning.
-                *["--lifespan", "off", "--timeout-graceful-shutdown", "5"],
-                # Compressing every frame cost up to 7x the server CPU in the real-time
-                # benchmark (docs/BENCH-realtime.md).
-                *["--ws-per-message-deflate", "false"],
-                # Oversized frames get 1009 before uvicorn buffers them (its default is
-                # 16 MiB); the consumer enforces the same WS_MAX_FRAME_BYTES.
-                *["--ws-max-size", os.environ.get("WS_MAX_FRAME_BYTES") or str(512 * 1024)],
-            ],
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-        )
-        _wait_until("uvicorn", lambda: _tcp_answers(args.host, args.port), uvicorn, None)
-        log("")
-        log(f"FreeAgentics runs at http://{args.host}:{args.port}/admin/")
-        log(f"  admin login: {admin_login}")
-        log(f"  DATABASE_URL={redact(database_url)}")
-        log(f"  REDIS_URL={redact(redis_url)}")
-        log("Press Ctrl-C to stop.")
-        child, returncode = stack.watch()
-        log(f"{child.name} exited on its own with status {returncode}")
-        return 1
-    except Stop as e:
-        log(f"{e} received; stopping")
+            uvicorn = stack.spawn(
+                "uvicorn",
+                [
+                    *[sys.executable, "-m", "uvicorn", "freeagentics.asgi:application"],
+                    *["--host", args.host, "--port", args.port],
+                    # Django's ASGI handler speaks no lifespan protocol; skip the warning.
+                    *["--lifespan", "off", "--timeout-graceful-shutdown", "5"],
+                    # Compressing every frame cost up to 7x the server CPU in the real-time
+                    # benchmark (docs/BENCH-realtime.md).
+                    *["--ws-per-message-deflate", "false"],
+                    # Oversized frames get 1009 before uvicorn buffers them (its default is
+                    # 16 MiB); the consumer enforces the same WS_MAX_FRAME_BYTES.
+                    *["--ws-max-size", os.environ.get("WS_MAX_FRAME_BYTES") or str(512 * 1024)],
+                ],
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+            )
+            _wait_until("uvicorn", lambda: _tcp_answers(args.host, args.port), uvicorn, None)
+            log("")
+            log(f"FreeAgentics runs at http://{args.host}:{args.port}/admin/")
+            log(f"  admin login: {admin_login}")
+            log(f"  DATABASE_URL={redact(database_url)}")
+            log(f"  REDIS_URL={redact(redis_url)}")
+            log("Press Ctrl-C to stop.")
+            child, returncode = stack.watch()
+            log(f"{child.name} exited on its own with status {returncode}")
+            return 1
+    except Stop:
         return 0
     finally:
-        signal.signal(signal.SIGINT, _ignore_while_stopping)
-        signal.signal(signal.SIGTERM, _ignore_while_stopping)
-        stack.stop_all()
         if lock is not None:
             lock.close()
 
@@ -682,6 +705,23 @@ def _admin_login_hint(password_file: Path, before: str | None) -> str:
     )
 
 
+def _test_service(what: str, variable: str, local_url: str, answers, start, data: Path) -> str:
+    """The URL the tests use for one service: the exported variable's (which must answer),
+    else the usual local server's, else an embedded one's: start(data, port)."""
+    url = os.environ.get(variable)
+    if url:
+        if not answers(url):
+            raise DevstackError(f"{variable}={redact(url)} does not answer")
+        log(f"using {variable}={redact(url)}")
+        return url
+    if answers(local_url):
+        log(f"{what} answers at {local_url}")
+        return local_url
+    log(f"no {what} on {urlsplit(local_url).netloc.rpartition('@')[2]}; starting an embedded one")
+    data.mkdir(parents=True, exist_ok=True)
+    return start(data, free_port())
+
+
 def cmd_test(pytest_args: list[str]) -> int:
     ensure_system_packages()
     # pyproject.toml names tests.settings; an exported freeagentics.settings would win
@@ -689,66 +729,50 @@ def cmd_test(pytest_args: list[str]) -> int:
     os.environ.pop("DJANGO_SETTINGS_MODULE", None)
     data = var_dir() / "test-services"
 
-    stack = Stack()
-    signal.signal(signal.SIGINT, _raise_stop)
-    signal.signal(signal.SIGTERM, _raise_stop)
     try:
-        database_url = os.environ.get("DATABASE_URL")
-        if database_url:
-            if not postgres_answers(database_url):
-                raise DevstackError(f"DATABASE_URL={redact(database_url)} does not answer")
-            log(f"using DATABASE_URL={redact(database_url)}")
-        elif postgres_answers(TEST_DATABASE_URL):
-            database_url = TEST_DATABASE_URL
-            log(f"PostgreSQL answers at {TEST_DATABASE_URL}")
-        else:
-            log("no PostgreSQL on 127.0.0.1:5432; starting an embedded one")
-            data.mkdir(parents=True, exist_ok=True)
-            database_url = start_postgres(stack, data, free_port(), DEV_DATABASE)
+        with _stopping_stack() as stack:
+            database_url = _test_service(
+                "PostgreSQL",
+                "DATABASE_URL",
+                TEST_DATABASE_URL,
+                postgres_answers,
+                lambda data, port: start_postgres(stack, data, port, DEV_DATABASE),
+                data,
+            )
+            redis_url = _test_service(
+                "Redis",
+                "REDIS_URL",
+                TEST_REDIS_URL,
+                redis_answers,
+                lambda data, port: start_redis(stack, data, port, db=15),
+                data,
+            )
+            os.environ["DATABASE_URL"] = database_url
+            os.environ["REDIS_URL"] = redis_url
+            if not pytest_args:
+                # A whole-suite run rewrites the README's Reliability table from its counts.
+                os.environ["FREEAGENTICS_RELIABILITY_REPORT"] = "1"
 
-        redis_url = os.environ.get("REDIS_URL")
-        if redis_url:
-            if not redis_answers(redis_url):
-                raise DevstackError(f"REDIS_URL={redact(redis_url)} does not answer")
-            log(f"using REDIS_URL={redact(redis_url)}")
-        elif redis_answers(TEST_REDIS_URL):
-            redis_url = TEST_REDIS_URL
-            log(f"Redis answers at {TEST_REDIS_URL}")
-        else:
-            log("no Redis on 127.0.0.1:6379; starting an embedded one")
-            data.mkdir(parents=True, exist_ok=True)
-            redis_url = start_redis(stack, data, free_port(), db=15)
-        os.environ["DATABASE_URL"] = database_url
-        os.environ["REDIS_URL"] = redis_url
-        if not pytest_args:
-            # A whole-suite run rewrites the README's Reliability table from its counts.
-            os.environ["FREEAGENTICS_RELIABILITY_REPORT"] = "1"
-
-        log(f"pytest {' '.join(pytest_args)}".rstrip())
-        # Same process group as this script: Ctrl-C reaches pytest, which reports and stops.
-        pytest = stack.spawn(
-            "pytest",
-            [sys.executable, "-m", "pytest", *pytest_args],
-            own_session=False,
-            grace=30,
-            cwd=ROOT,
-        )
-        signal.signal(signal.SIGINT, lambda signum, frame: None)
-        signal.signal(signal.SIGTERM, lambda signum, frame: pytest.popen.terminate())
-        returncode = pytest.popen.wait()
-        stack.children.remove(pytest)
-        if returncode == PYTEST_NO_TESTS_COLLECTED:
-            log("pytest collected no tests; that counts as a failure")
-        elif returncode != 0:
-            log(f"pytest failed with status {returncode}")
-        return returncode
-    except Stop as e:
-        log(f"{e} received; stopping")
+            log(f"pytest {' '.join(pytest_args)}".rstrip())
+            # Same process group as this script: Ctrl-C reaches pytest, which reports and stops.
+            pytest = stack.spawn(
+                "pytest",
+                [sys.executable, "-m", "pytest", *pytest_args],
+                own_session=False,
+                grace=30,
+                cwd=ROOT,
+            )
+            signal.signal(signal.SIGINT, lambda signum, frame: None)
+            signal.signal(signal.SIGTERM, lambda signum, frame: pytest.popen.terminate())
+            returncode = pytest.popen.wait()
+            stack.children.remove(pytest)
+            if returncode == PYTEST_NO_TESTS_COLLECTED:
+                log("pytest collected no tests; that counts as a failure")
+            elif returncode != 0:
+                log(f"pytest failed with status {returncode}")
+            return returncode
+    except Stop:
         return 1
-    finally:
-        signal.signal(signal.SIGINT, _ignore_while_stopping)
-        signal.signal(signal.SIGTERM, _ignore_while_stopping)
-        stack.stop_all()
 
 
 def run_epilog() -> str:

@@ -63,6 +63,36 @@ def logged_in(user) -> Client:
     return client
 
 
+def coalition_form(coalition, rows=(), new=(), delete=()) -> dict:
+    """POST data for a coalition's change form as it stands, with the members inline:
+    existing `rows` (those in `delete` marked for deletion), `new` (agent, role, score)."""
+    coalition.refresh_from_db()
+    data = {
+        "name": coalition.name,
+        "business_model": coalition.business_model,
+        "current_capital": coalition.current_capital,
+        "total_revenue": coalition.total_revenue,
+        "formation_criteria": "null",
+        "business_config": "null",
+        "memberships-TOTAL_FORMS": len(rows) + len(new),
+        "memberships-INITIAL_FORMS": len(rows),
+    }
+    for i, member in enumerate(rows):
+        data[f"memberships-{i}-id"] = member.pk
+        data[f"memberships-{i}-coalition"] = coalition.pk
+        data[f"memberships-{i}-agent"] = member.agent_id
+        data[f"memberships-{i}-role"] = member.role
+        data[f"memberships-{i}-contribution_score"] = member.contribution_score
+        if member in delete:
+            data[f"memberships-{i}-DELETE"] = "on"
+    for j, (agent, role, score) in enumerate(new, start=len(rows)):
+        data[f"memberships-{j}-coalition"] = coalition.pk
+        data[f"memberships-{j}-agent"] = agent.pk
+        data[f"memberships-{j}-role"] = role
+        data[f"memberships-{j}-contribution_score"] = score
+    return data
+
+
 @dataclass
 class TenantWorld:
     tenant: Tenant
@@ -119,22 +149,14 @@ def superuser_client(db, django_user_model):
 @pytest.fixture(scope="session")
 def admin_influxd(tmp_path_factory):
     """A real InfluxDB 1.6.7 on a free loopback port, for the agent page's chart."""
-    server = InfluxDB(tmp_path_factory.mktemp("admin-influxd"))
-    server.start()
-    yield server
-    server.stop()
+    with InfluxDB(tmp_path_factory.mktemp("admin-influxd")) as server:
+        yield server
 
 
 @pytest.fixture
 def influx_metrics(settings, admin_influxd, monkeypatch):
     """Settings pointing at a fresh database in admin_influxd, which charts consider up."""
-    database = admin_influxd.create_database()
-    settings.INFLUXDB_URL = admin_influxd.url
-    settings.INFLUXDB_API = "v1"
-    settings.INFLUXDB_TOKEN = ""
-    settings.INFLUXDB_DATABASE = database
-    settings.INFLUXDB_RETENTION_POLICY = ""
-    settings.INFLUXDB_QUERY_LANGUAGE = "influxql"
+    database = admin_influxd.configure_v1(settings)
     monkeypatch.setattr(charts, "outage", charts._Outage())
     return database
 

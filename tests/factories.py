@@ -3,6 +3,7 @@ import itertools
 import numpy as np
 
 from agents.models import Agent, Tenant
+from agents.services import AgentSpec
 from coalitions.models import Coalition
 
 _seq = itertools.count(1)
@@ -30,3 +31,12 @@ def make_coalition(tenant: Tenant, **fields) -> Coalition:
     fields.setdefault("name", f"coalition-{n}")
     fields.setdefault("business_model", "retail")
     return Coalition.objects.create(tenant=tenant, **fields)
+
+
+def agent_spec(**fields) -> AgentSpec:
+    """A valid AgentSpec (a scout in Berlin with uniform beliefs), `fields` changed."""
+    fields.setdefault("name", "scout")
+    fields.setdefault("agent_type", "explorer")
+    fields.setdefault("beliefs", np.full(4, 0.25))
+    fields.setdefault("location_h3", BERLIN_CELL)
+    return AgentSpec(**fields)

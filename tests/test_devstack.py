@@ -23,6 +23,8 @@ from django.conf import settings
 from django.core.management import call_command
 from psycopg import sql
 
+from tests.processes import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 DEVSTACK = ROOT / "scripts" / "devstack.py"
 START_TIMEOUT = 120
@@ -116,6 +118,19 @@ def scratch_database():
         )
 
 
+def run_to_end(argv: list, env: dict, *, timeout: float) -> subprocess.CompletedProcess:
+    """Run `argv` in the repository, without stdin, to its end; output captured as text."""
+    return subprocess.run(
+        argv,
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @contextlib.contextmanager
 def running_devstack(env: dict, log_path: Path, *args: str):
     """Start `devstack.py run`; whatever happens in the block, nothing outlives it."""
@@ -131,13 +146,7 @@ def running_devstack(env: dict, log_path: Path, *args: str):
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, STOP_TIMEOUT)
 
 
 def wait_for_ok(url: str, proc: subprocess.Popen, log_path: Path) -> None:
@@ -243,16 +252,12 @@ def test_run_without_urls_starts_embedded_servers_and_stops_them_on_ctrl_c(devst
 
 def test_test_command_fails_when_pytest_collects_no_tests(tmp_path):
     env = {**os.environ, "FREEAGENTICS_VAR_DIR": str(tmp_path / "var")}
-    result = subprocess.run(
+    result = run_to_end(
         [
             *[sys.executable, DEVSTACK, "test", "tests/agents/test_demo.py"],
             *["-k", "no_test_has_this_name", "-p", "no:cacheprovider", "-q"],
         ],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
+        env,
         timeout=300,
     )
     assert result.returncode == 5, result.stderr[-3000:]
@@ -314,13 +319,9 @@ def test_choose_port_prefers_the_default_and_falls_back_when_taken():
 
 def run_sh(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """`bash scripts/run.sh ...` as the README says it, with this interpreter as PYTHON."""
-    return subprocess.run(
+    return run_to_end(
         ["bash", "scripts/run.sh", *args],
-        cwd=ROOT,
-        env={**(env or os.environ), "PYTHON": sys.executable},
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
+        {**(env or os.environ), "PYTHON": sys.executable},
         timeout=60,
     )
 
@@ -388,14 +389,8 @@ def port_taken(port: int):
 
 
 def second_run(devstack_env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, DEVSTACK, "run", "--port", str(free_port())],
-        cwd=ROOT,
-        env=devstack_env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    return run_to_end(
+        [sys.executable, DEVSTACK, "run", "--port", str(free_port())], devstack_env, timeout=120
     )
 
 

@@ -1,12 +1,21 @@
-"""One line, never a traceback, for what an operator meets running the backup commands."""
+"""One line, never a traceback, for what an operator meets running the backup commands;
+and what restore and verify_backup, which both read a backup back, share."""
 
 import contextlib
 
 from django.core.management.base import CommandError
 
 from backups import pgtools
-from backups.exceptions import INTERRUPTED
+from backups.exceptions import ACCEPT_UNSIGNED_HELP, INTERRUPTED
 from backups.management.base import service_errors
+
+# What operator_errors reports after Ctrl-C in restore and verify_backup: both restore
+# into a scratch database first, which the service removed.
+SCRATCH_REMOVED = "its scratch database and staging files were removed"
+
+
+def add_accept_unsigned_argument(parser) -> None:
+    parser.add_argument("--accept-unsigned-backup", action="store_true", help=ACCEPT_UNSIGNED_HELP)
 
 
 @contextlib.contextmanager

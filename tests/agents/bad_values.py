@@ -1,10 +1,33 @@
-"""Hostile values for the services' adversarial tests, by kind, each with a short id."""
+"""Hostile values for the services' adversarial tests, by kind, each with a short id, and
+the check that a service refused one and wrote nothing."""
 
+import contextlib
 import math
 
 import numpy as np
+import pytest
+from django.core.exceptions import ValidationError
+from django_redis import get_redis_connection
 
+from metrics.models import OutboxPoint
 from tests.factories import BERLIN_CELL
+
+
+def _written(rows) -> tuple:
+    return rows(), OutboxPoint.objects.count(), sorted(get_redis_connection("default").keys("*"))
+
+
+@contextlib.contextmanager
+def refused(field: str, rows, capture_on_commit_callbacks):
+    """The block must raise a ValidationError naming `field` and no other, and write
+    nothing: no after-commit callback, outbox point or cache key, and rows() (the rows the
+    service could change) as they were. Yields pytest's ExceptionInfo."""
+    before = _written(rows)
+    with capture_on_commit_callbacks() as callbacks, pytest.raises(ValidationError) as exc:
+        yield exc
+    assert list(exc.value.message_dict) == [field]
+    assert callbacks == []
+    assert _written(rows) == before
 
 
 def nested(depth: int) -> dict:

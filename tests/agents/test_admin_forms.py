@@ -11,6 +11,7 @@ from coalitions.models import Coalition, CoalitionMember
 from coalitions.selectors import is_coalition_member
 from metrics.models import OutboxPoint
 from tests import factories
+from tests.backoffice import coalition_form
 
 pytestmark = pytest.mark.django_db
 
@@ -87,26 +88,9 @@ def _coalition_add(world):
 
 def _coalition_change(world):
     coalition = world.coalition
-    member = coalition.memberships.get()
-    return f"{COALITIONS}{coalition.pk}/change/", {
-        "name": coalition.name,
-        "business_model": coalition.business_model,
-        "current_capital": coalition.current_capital,
-        "total_revenue": coalition.total_revenue,
-        "formation_criteria": "null",
-        "business_config": "null",
-        "memberships-TOTAL_FORMS": 2,
-        "memberships-INITIAL_FORMS": 1,
-        "memberships-0-id": member.pk,
-        "memberships-0-coalition": coalition.pk,
-        "memberships-0-agent": member.agent_id,
-        "memberships-0-role": member.role,
-        "memberships-0-contribution_score": member.contribution_score,
-        "memberships-1-coalition": coalition.pk,
-        "memberships-1-agent": world.idle_agent.pk,
-        "memberships-1-role": "newcomer",
-        "memberships-1-contribution_score": "2",
-    }
+    return f"{COALITIONS}{coalition.pk}/change/", coalition_form(
+        coalition, rows=[coalition.memberships.get()], new=[(world.idle_agent, "newcomer", "2")]
+    )
 
 
 FORMS = {

@@ -12,7 +12,6 @@ from agents.models import Agent, AgentHistory
 from agents.selectors import get_agent
 from agents.services import (
     AGENTS_NOT_FOUND,
-    AgentSpec,
     agent_adjust_energy,
     agent_create,
     agent_delete,
@@ -31,22 +30,13 @@ from agents.validators import (
     STATUS_UNKNOWN,
 )
 from tests import factories
+from tests.factories import agent_spec
 
 pytestmark = pytest.mark.django_db
 
-CELL = factories.BERLIN_CELL
-
-
-def spec(**fields):
-    fields.setdefault("name", "scout")
-    fields.setdefault("agent_type", "explorer")
-    fields.setdefault("beliefs", np.full(4, 0.25))
-    fields.setdefault("location_h3", CELL)
-    return AgentSpec(**fields)
-
 
 def test_get_agent_returns_personality_as_a_dict_from_db_and_cache(tenant):
-    agent = agent_create(tenant=tenant, spec=spec(personality_traits={"bold": 0.5}))
+    agent = agent_create(tenant=tenant, spec=agent_spec(personality_traits={"bold": 0.5}))
     from_db = get_agent(tenant=tenant, agent_id=agent.id)
     from_cache = get_agent(tenant=tenant, agent_id=agent.id)
     assert from_db.personality_traits == {"bold": 0.5}
@@ -56,7 +46,7 @@ def test_get_agent_returns_personality_as_a_dict_from_db_and_cache(tenant):
 
 
 def test_agent_create_returns_state_with_database_timestamps(tenant):
-    state = agent_create(tenant=tenant, spec=spec(energy_level=70))
+    state = agent_create(tenant=tenant, spec=agent_spec(energy_level=70))
     assert state.tenant_id == tenant.id
     assert state.energy_level == 70
     assert state.updated_at is not None
@@ -81,7 +71,7 @@ def test_agent_create_returns_state_with_database_timestamps(tenant):
 )
 def test_invalid_input_names_field_and_rule(tenant, fields, field, message):
     with pytest.raises(ValidationError) as exc:
-        agent_create(tenant=tenant, spec=spec(**fields))
+        agent_create(tenant=tenant, spec=agent_spec(**fields))
     assert field in exc.value.message_dict
     assert message in exc.value.message_dict[field][0]
     assert not Agent.objects.exists()
@@ -90,7 +80,7 @@ def test_invalid_input_names_field_and_rule(tenant, fields, field, message):
 def test_cell_resolution_outside_configured_range(tenant, settings):
     settings.H3_MAX_RESOLUTION = 8
     with pytest.raises(ValidationError) as exc:
-        agent_create(tenant=tenant, spec=spec())
+        agent_create(tenant=tenant, spec=agent_spec())
     expected = CELL_RESOLUTION.format(field="location_h3", resolution=9, low=0, high=8)
     assert exc.value.message_dict["location_h3"] == [expected]
 
@@ -98,7 +88,7 @@ def test_cell_resolution_outside_configured_range(tenant, settings):
 def test_beliefs_larger_than_configured_limit(tenant, settings):
     settings.BELIEF_MAX_ELEMENTS = 8
     with pytest.raises(ValidationError) as exc:
-        agent_create(tenant=tenant, spec=spec(beliefs=np.zeros(9)))
+        agent_create(tenant=tenant, spec=agent_spec(beliefs=np.zeros(9)))
     assert exc.value.message_dict["beliefs"] == [BELIEFS_TOO_LARGE.format(limit=8, size=9)]
 
 
@@ -109,7 +99,7 @@ def test_messages_come_from_module_constants():
 
 
 def test_batch_update_changes_only_given_fields_and_appends_history(tenant):
-    agents = [agent_create(tenant=tenant, spec=spec(name=f"a{i}")) for i in range(3)]
+    agents = [agent_create(tenant=tenant, spec=agent_spec(name=f"a{i}")) for i in range(3)]
     states = agents_update_states(
         tenant=tenant,
         updates=[
@@ -134,7 +124,9 @@ def test_batch_update_changes_only_given_fields_and_appends_history(tenant):
 
 def test_batch_of_thousands_takes_a_few_round_trips(tenant):
     loaded = agents_bulk_load(
-        tenant=tenant, specs=(spec(name=f"b{i}") for i in range(2000)), batch_size=500
+        tenant=tenant,
+        specs=(agent_spec(name=f"b{i}") for i in range(2000)),
+        batch_size=500,
     )
     assert loaded == 2000
     ids = list(Agent.objects.values_list("id", flat=True))
@@ -150,8 +142,8 @@ def test_batch_of_thousands_takes_a_few_round_trips(tenant):
 
 
 def test_batch_with_another_tenants_agent_writes_nothing(tenant, other_tenant):
-    mine = agent_create(tenant=tenant, spec=spec())
-    theirs = agent_create(tenant=other_tenant, spec=spec())
+    mine = agent_create(tenant=tenant, spec=agent_spec())
+    theirs = agent_create(tenant=other_tenant, spec=agent_spec())
     with pytest.raises(ValidationError) as exc:
         agents_update_states(
             tenant=tenant,
@@ -168,7 +160,7 @@ def test_batch_with_another_tenants_agent_writes_nothing(tenant, other_tenant):
 
 
 def test_invalid_update_in_a_batch_is_named_by_position(tenant):
-    agents = [agent_create(tenant=tenant, spec=spec()) for _ in range(2)]
+    agents = [agent_create(tenant=tenant, spec=agent_spec()) for _ in range(2)]
     with pytest.raises(ValidationError) as exc:
         agents_update_states(
             tenant=tenant,
@@ -182,7 +174,7 @@ def test_invalid_update_in_a_batch_is_named_by_position(tenant):
 
 
 def test_duplicate_agent_in_batch_is_refused(tenant):
-    agent = agent_create(tenant=tenant, spec=spec())
+    agent = agent_create(tenant=tenant, spec=agent_spec())
     with pytest.raises(ValidationError, match="appears more than once"):
         agents_update_states(
             tenant=tenant,
@@ -191,14 +183,14 @@ def test_duplicate_agent_in_batch_is_refused(tenant):
 
 
 def test_bulk_load_is_all_or_nothing(tenant):
-    specs = [spec(name="ok"), spec(name="bad", energy_level=500)]
+    specs = [agent_spec(name="ok"), agent_spec(name="bad", energy_level=500)]
     with pytest.raises(ValidationError):
         agents_bulk_load(tenant=tenant, specs=specs, batch_size=1)
     assert not Agent.objects.exists()
 
 
 def test_adjust_energy_is_relative_and_bounded(tenant):
-    agent = agent_create(tenant=tenant, spec=spec(energy_level=50))
+    agent = agent_create(tenant=tenant, spec=agent_spec(energy_level=50))
     assert agent_adjust_energy(tenant=tenant, agent_id=agent.id, delta=-20).energy_level == 30
     with pytest.raises(ValidationError) as exc:
         agent_adjust_energy(tenant=tenant, agent_id=agent.id, delta=71)
@@ -216,7 +208,7 @@ def redis_value(agent_id):
 
 
 def test_update_refreshes_encrypted_cache_on_commit(tenant, django_capture_on_commit_callbacks):
-    agent = agent_create(tenant=tenant, spec=spec())
+    agent = agent_create(tenant=tenant, spec=agent_spec())
     beliefs = np.random.default_rng(3).random(16)
     with django_capture_on_commit_callbacks(execute=True):
         agent_update_state(tenant=tenant, update=AgentStateUpdate(agent.id, beliefs=beliefs))
@@ -233,7 +225,7 @@ def test_update_refreshes_encrypted_cache_on_commit(tenant, django_capture_on_co
 
 
 def test_rolled_back_update_leaves_cache_untouched(tenant, django_capture_on_commit_callbacks):
-    agent = agent_create(tenant=tenant, spec=spec())
+    agent = agent_create(tenant=tenant, spec=agent_spec())
     with django_capture_on_commit_callbacks(execute=True) as callbacks:
         with pytest.raises(RuntimeError), transaction.atomic():
             agent_update_state(tenant=tenant, update=AgentStateUpdate(agent.id, energy_level=7))
@@ -246,7 +238,7 @@ def test_rolled_back_update_leaves_cache_untouched(tenant, django_capture_on_com
 def test_late_commit_callback_of_older_write_cannot_overwrite_newer(
     tenant, django_capture_on_commit_callbacks
 ):
-    agent = agent_create(tenant=tenant, spec=spec())
+    agent = agent_create(tenant=tenant, spec=agent_spec())
     with django_capture_on_commit_callbacks(execute=False) as older:
         agent_update_state(tenant=tenant, update=AgentStateUpdate(agent.id, energy_level=10))
     with django_capture_on_commit_callbacks(execute=True):
@@ -257,7 +249,7 @@ def test_late_commit_callback_of_older_write_cannot_overwrite_newer(
 
 
 def test_reader_filling_a_miss_cannot_overwrite_a_newer_write(tenant):
-    agent = agent_create(tenant=tenant, spec=spec())
+    agent = agent_create(tenant=tenant, spec=agent_spec())
     old = get_agent(tenant=tenant, agent_id=agent.id)  # fills the cache at version v1
     get_redis_connection("default").delete(cache.beliefs_key(agent.id))
     new = agent_update_state(tenant=tenant, update=AgentStateUpdate(agent.id, energy_level=3))
@@ -269,7 +261,7 @@ def test_reader_filling_a_miss_cannot_overwrite_a_newer_write(tenant):
 def test_get_agent_of_another_tenant_is_not_found_even_when_cached(tenant, other_tenant):
     from agents.selectors import AgentNotFound
 
-    agent = agent_create(tenant=tenant, spec=spec())
+    agent = agent_create(tenant=tenant, spec=agent_spec())
     get_agent(tenant=tenant, agent_id=agent.id)
     assert redis_value(agent.id) is not None
     with pytest.raises(AgentNotFound):
@@ -279,7 +271,7 @@ def test_get_agent_of_another_tenant_is_not_found_even_when_cached(tenant, other
 def test_deleted_agent_leaves_a_tombstone(tenant, django_capture_on_commit_callbacks):
     from agents.selectors import AgentNotFound
 
-    agent = agent_create(tenant=tenant, spec=spec())
+    agent = agent_create(tenant=tenant, spec=agent_spec())
     get_agent(tenant=tenant, agent_id=agent.id)
     with django_capture_on_commit_callbacks(execute=True):
         agent_delete(tenant=tenant, agent_id=agent.id)
@@ -288,7 +280,7 @@ def test_deleted_agent_leaves_a_tombstone(tenant, django_capture_on_commit_callb
 
 
 def test_redis_down_reads_fall_back_and_writes_succeed_logged_once(tenant, redis_down, caplog):
-    agent = agent_create(tenant=tenant, spec=spec())
+    agent = agent_create(tenant=tenant, spec=agent_spec())
     with caplog.at_level("WARNING", logger="agents.cache"):
         for energy in (10, 20, 30):
             agent_update_state(
@@ -305,7 +297,7 @@ def test_cache_entry_under_a_removed_key_falls_back_to_postgres(tenant, settings
 
     old_key = settings.FREEAGENTICS_ENCRYPTION_KEYS[0]
     new_key = Fernet.generate_key().decode()
-    agent = agent_create(tenant=tenant, spec=spec(beliefs=np.arange(3.0)))
+    agent = agent_create(tenant=tenant, spec=agent_spec(beliefs=np.arange(3.0)))
     get_agent(tenant=tenant, agent_id=agent.id)  # cached under the old key
     settings.FREEAGENTICS_ENCRYPTION_KEYS = [new_key, old_key]
     from io import StringIO

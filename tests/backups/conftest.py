@@ -4,6 +4,7 @@ import socket
 import subprocess
 import sys
 import time
+from io import StringIO
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
@@ -13,6 +14,7 @@ import pytest
 import redis
 from cryptography.fernet import Fernet
 from django.conf import settings as django_settings
+from django.core.management import call_command
 from django.db import connection
 
 from agents.models import AgentHistory
@@ -119,6 +121,18 @@ def sample_data(history_layout):
 
 
 TABLES = ("tenants", "agents", "coalitions", "coalition_members", "agent_history")
+
+
+def run(*args) -> str:
+    """A management command's stdout and stderr together, as an operator's terminal shows."""
+    out = StringIO()
+    call_command(*args, stdout=out, stderr=out)
+    return out.getvalue()
+
+
+def make_backup(*args) -> str:
+    """The name of the backup `manage.py backup *args` made."""
+    return run("backup", *args).strip().splitlines()[-1]
 
 
 def table_rows(dbname: str | None = None) -> dict[str, list[str]]:

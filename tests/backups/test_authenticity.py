@@ -2,10 +2,8 @@
 
 import datetime
 import json
-from io import StringIO
 
 import pytest
-from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from backups import selectors, storage
@@ -13,19 +11,9 @@ from backups.crypto import encryption_key
 from backups.exceptions import MANIFEST_FORGED, MANIFEST_UNSIGNED
 from backups.manifest import KIND_FULL, Manifest, drill_record
 from backups.services import backups_prune
-from tests.backups.conftest import table_rows
+from tests.backups.conftest import make_backup, run, table_rows
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def run(*args) -> str:
-    out = StringIO()
-    call_command(*args, stdout=out, stderr=out)
-    return out.getvalue()
-
-
-def make_backup(*args) -> str:
-    return run("backup", *args).strip().splitlines()[-1]
 
 
 def listing() -> dict[str, str]:

@@ -1,11 +1,9 @@
 import hashlib
 import json
-from io import StringIO
 
 import numpy as np
 import pyrage
 import pytest
-from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
 
@@ -13,20 +11,9 @@ from agents.models import Agent, AgentHistory
 from backups import pgtools, redisio, services, storage
 from backups.exceptions import REDIS_NOT_EMPTY, TARGET_IN_USE, TARGET_NOT_EMPTY
 from tests import factories
-from tests.backups.conftest import pg_target, table_rows
+from tests.backups.conftest import make_backup, pg_target, run, table_rows
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def run(*args) -> str:
-    out = StringIO()
-    call_command(*args, stdout=out, stderr=out)
-    return out.getvalue()
-
-
-def make_backup(*args) -> str:
-    out = run("backup", *args)
-    return out.strip().splitlines()[-1]
 
 
 def wipe():

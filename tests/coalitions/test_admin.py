@@ -9,41 +9,11 @@ from coalitions.models import Coalition, CoalitionMember
 from coalitions.selectors import is_coalition_member
 from coalitions.services import MONEY_INVALID, TRANSITION_NOT_ALLOWED
 from tests import factories
-from tests.backoffice import logged_in
+from tests.backoffice import coalition_form, logged_in
 
 pytestmark = pytest.mark.django_db
 
 URL = "/admin/coalitions/coalition/"
-
-
-def _inline(coalition, rows=(), new=(), delete=()) -> dict:
-    """POST data for the change form as it stands, with the members inline: existing
-    `rows`, `new` (agent, role, score)."""
-    coalition.refresh_from_db()
-    data = {
-        "name": coalition.name,
-        "business_model": coalition.business_model,
-        "current_capital": coalition.current_capital,
-        "total_revenue": coalition.total_revenue,
-        "formation_criteria": "null",
-        "business_config": "null",
-        "memberships-TOTAL_FORMS": len(rows) + len(new),
-        "memberships-INITIAL_FORMS": len(rows),
-    }
-    for i, member in enumerate(rows):
-        data[f"memberships-{i}-id"] = member.pk
-        data[f"memberships-{i}-coalition"] = coalition.pk
-        data[f"memberships-{i}-agent"] = member.agent_id
-        data[f"memberships-{i}-role"] = member.role
-        data[f"memberships-{i}-contribution_score"] = member.contribution_score
-        if member in delete:
-            data[f"memberships-{i}-DELETE"] = "on"
-    for j, (agent, role, score) in enumerate(new, start=len(rows)):
-        data[f"memberships-{j}-coalition"] = coalition.pk
-        data[f"memberships-{j}-agent"] = agent.pk
-        data[f"memberships-{j}-role"] = role
-        data[f"memberships-{j}-contribution_score"] = score
-    return data
 
 
 def test_the_page_shows_members_roles_scores_capital_and_revenue(editor_a, world_a):
@@ -75,7 +45,7 @@ def test_adding_and_removing_members_goes_through_the_services(
     with django_capture_on_commit_callbacks(execute=True):
         response = editor_a.post(
             f"{URL}{coalition.pk}/change/",
-            _inline(coalition, rows=[founder], new=[(newcomer, "scout", "3.5")]),
+            coalition_form(coalition, rows=[founder], new=[(newcomer, "scout", "3.5")]),
         )
     assert response.status_code == 302
     member = CoalitionMember.objects.get(coalition=coalition, agent=newcomer)
@@ -87,7 +57,7 @@ def test_adding_and_removing_members_goes_through_the_services(
     with django_capture_on_commit_callbacks(execute=True):
         editor_a.post(
             f"{URL}{coalition.pk}/change/",
-            _inline(coalition, rows=[founder, member], delete=[founder]),
+            coalition_form(coalition, rows=[founder, member], delete=[founder]),
         )
     assert list(coalition.memberships.values_list("agent__name", flat=True)) == ["alpha-idle"]
     assert not is_coalition_member(
@@ -98,7 +68,7 @@ def test_adding_and_removing_members_goes_through_the_services(
 def test_member_roles_and_scores_change_through_the_service(editor_a, world_a):
     coalition = world_a.coalition
     founder = coalition.memberships.get()
-    data = _inline(coalition, rows=[founder])
+    data = coalition_form(coalition, rows=[founder])
     data["memberships-0-role"] = "usurper"
     data["memberships-0-contribution_score"] = "999"
     assert editor_a.post(f"{URL}{coalition.pk}/change/", data).status_code == 302
@@ -109,7 +79,7 @@ def test_member_roles_and_scores_change_through_the_service(editor_a, world_a):
 def test_a_members_agent_cannot_be_swapped_in_place(editor_a, world_a):
     coalition = world_a.coalition
     founder = coalition.memberships.get()
-    data = _inline(coalition, rows=[founder])
+    data = coalition_form(coalition, rows=[founder])
     data["memberships-0-agent"] = world_a.idle_agent.pk
     page = editor_a.post(f"{URL}{coalition.pk}/change/", data, follow=True)
     assert MEMBER_AGENT_FIXED in page.content.decode()
@@ -119,13 +89,13 @@ def test_a_members_agent_cannot_be_swapped_in_place(editor_a, world_a):
 
 def test_capital_and_revenue_are_edited_through_the_service(editor_a, world_a):
     coalition = world_a.coalition
-    data = _inline(coalition)
+    data = coalition_form(coalition)
     data["total_revenue"] = "250.75"
     data["name"] = "Renamed"
     assert editor_a.post(f"{URL}{coalition.pk}/change/", data).status_code == 302
     coalition.refresh_from_db()
     assert (coalition.name, coalition.total_revenue) == ("Renamed", Decimal("250.75"))
-    data = _inline(coalition)
+    data = coalition_form(coalition)
     data["current_capital"] = "-5"
     page = editor_a.post(f"{URL}{coalition.pk}/change/", data, follow=True)
     assert "current_capital" in page.content.decode()
@@ -166,7 +136,7 @@ def test_a_dissolved_coalition_takes_no_new_members(editor_a, world_a):
     founder = coalition.memberships.get()
     editor_a.post(
         f"{URL}{coalition.pk}/change/",
-        _inline(coalition, rows=[founder], new=[(world_a.idle_agent, "late", 0)]),
+        coalition_form(coalition, rows=[founder], new=[(world_a.idle_agent, "late", 0)]),
     )
     assert coalition.memberships.count() == 1
 
@@ -230,7 +200,7 @@ def test_superusers_can_only_add_the_coalitions_own_tenants_agents(
     founder = coalition.memberships.get()
     response = superuser_client.post(
         f"{URL}{coalition.pk}/change/",
-        _inline(coalition, rows=[founder], new=[(world_b.agent, "spy", 0)]),
+        coalition_form(coalition, rows=[founder], new=[(world_b.agent, "spy", 0)]),
     )
     assert response.status_code == 200
     assert "Select a valid choice" in response.content.decode()
@@ -276,7 +246,7 @@ def test_read_only_operators_get_no_status_buttons(make_operator, world_a):
     assert coalition.status == "forming"
 
 
-def test_coalition_page_shows_members_inline(superuser_client, tenant):
+def test_coalition_page_shows_memberscoalition_form(superuser_client, tenant):
     coalition = factories.make_coalition(tenant)
     agent = factories.make_agent(tenant, name="member-one")
     CoalitionMember.objects.create(coalition=coalition, agent=agent, role="founder")
@@ -308,7 +278,7 @@ def test_empty_json_fields_render_empty_and_saving_them_stores_what_was_stored(
 
     # What the browser sends back for the form as rendered: an empty box, the object
     # indented. Nothing changed, so nothing is written.
-    data = _inline(coalition)
+    data = coalition_form(coalition)
     data["formation_criteria"] = ""
     data["business_config"] = form.fields["business_config"].prepare_value(CONFIG)
     assert editor.post(url, data).status_code == 302

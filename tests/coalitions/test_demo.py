@@ -61,7 +61,7 @@ def test_demo_agents_have_varied_states_traits_and_energy():
 def test_demo_belief_states_are_encrypted_and_decrypt_to_the_planned_arrays():
     demo_load()
 
-    planned = {spec.name: spec.belief_state for spec in demo_plan().agents}
+    planned = {spec.name: spec.beliefs for spec in demo_plan().agents}
     for agent in Agent.objects.all():
         assert agent.belief_state.dtype == np.float64
         assert np.array_equal(agent.belief_state, planned[agent.name])

@@ -106,6 +106,13 @@ class _Server:
         except OSError:
             return "(no log)"
 
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
 
 class InfluxDB(_Server):
     """influxd 1.6.7 with only its HTTP API, bound to loopback, no reporting."""
@@ -177,6 +184,18 @@ bind-address = "127.0.0.1:{self.rpc_port}"
         self.query(f'CREATE DATABASE "{name}"')
         return name
 
+    def configure_v1(self, settings) -> str:
+        """Point `settings` at a fresh database of this server through the v1 API (InfluxQL);
+        return the database's name."""
+        database = self.create_database()
+        settings.INFLUXDB_URL = self.url
+        settings.INFLUXDB_API = "v1"
+        settings.INFLUXDB_TOKEN = ""
+        settings.INFLUXDB_DATABASE = database
+        settings.INFLUXDB_RETENTION_POLICY = ""
+        settings.INFLUXDB_QUERY_LANGUAGE = "influxql"
+        return database
+
     def count(self, db: str, measurement: str, field: str) -> int:
         """Points stored for `field`, counted by InfluxDB itself."""
         result = self.query(f'SELECT count("{field}") FROM "{measurement}"', db=db)
@@ -222,37 +241,29 @@ class VictoriaMetrics(_Server):
 @pytest.fixture(scope="session")
 def influxd(tmp_path_factory):
     """One InfluxDB 1.6.7 for the session; each test uses its own database in it."""
-    server = InfluxDB(tmp_path_factory.mktemp("influxd"))
-    server.start()
-    yield server
-    server.stop()
+    with InfluxDB(tmp_path_factory.mktemp("influxd")) as server:
+        yield server
 
 
 @pytest.fixture
 def own_influxd(tmp_path):
     """An InfluxDB 1.6.7 this test may stop and restart."""
-    server = InfluxDB(tmp_path)
-    server.start()
-    yield server
-    server.stop()
+    with InfluxDB(tmp_path) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
 def influxd_auth(tmp_path_factory):
     """An InfluxDB 1.6.7 with auth-enabled = true and an admin user."""
-    server = InfluxDB(tmp_path_factory.mktemp("influxd-auth"), auth=True)
-    server.start()
-    yield server
-    server.stop()
+    with InfluxDB(tmp_path_factory.mktemp("influxd-auth"), auth=True) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
 def victoria(tmp_path_factory):
     """One VictoriaMetrics for the session, the /api/v2/write target."""
-    server = VictoriaMetrics(tmp_path_factory.mktemp("victoria"))
-    server.start()
-    yield server
-    server.stop()
+    with VictoriaMetrics(tmp_path_factory.mktemp("victoria")) as server:
+        yield server
 
 
 @pytest.fixture
@@ -266,14 +277,7 @@ def fast_retries(settings):
 @pytest.fixture
 def influx_v1(settings, influxd, fast_retries):
     """Settings pointing at the session InfluxDB in v1 mode, with a fresh database."""
-    database = influxd.create_database()
-    settings.INFLUXDB_URL = influxd.url
-    settings.INFLUXDB_API = "v1"
-    settings.INFLUXDB_TOKEN = ""
-    settings.INFLUXDB_DATABASE = database
-    settings.INFLUXDB_RETENTION_POLICY = ""
-    settings.INFLUXDB_QUERY_LANGUAGE = "influxql"
-    return database
+    return influxd.configure_v1(settings)
 
 
 @pytest.fixture

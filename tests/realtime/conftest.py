@@ -12,6 +12,7 @@ from channels.layers import channel_layers
 from django.conf import settings
 
 from realtime.services import api_token_create
+from tests.processes import stop_process
 from tests.realtime.helpers import ROOT, server_env
 
 START_TIMEOUT = 30
@@ -110,12 +111,7 @@ def running_uvicorn(log_path: Path, *, log_level: str = "warning", **env):
             time.sleep(0.1)
         yield Server(f"ws://127.0.0.1:{port}", proc, log_path)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, STOP_TIMEOUT)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,11 @@
 from django.core.management.base import BaseCommand
 
-from backups.exceptions import ACCEPT_UNSIGNED_HELP
 from backups.management.base import progress_for
-from backups.management.operator import operator_errors
+from backups.management.operator import (
+    SCRATCH_REMOVED,
+    add_accept_unsigned_argument,
+    operator_errors,
+)
 from backups.services import backup_restore
 
 
@@ -53,13 +56,10 @@ class Command(BaseCommand):
             action="store_true",
             help="Check the targets and verify the backup; restore nothing.",
         )
-
-        parser.add_argument(
-            "--accept-unsigned-backup", action="store_true", help=ACCEPT_UNSIGNED_HELP
-        )
+        add_accept_unsigned_argument(parser)
 
     def handle(self, *args, **options):
-        with operator_errors("its scratch database and staging files were removed"):
+        with operator_errors(SCRATCH_REMOVED):
             result = backup_restore(
                 name=options["name"],
                 alias=options["database"],

@@ -1,8 +1,12 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from backups.exceptions import ACCEPT_UNSIGNED_HELP, DrillFailedError
+from backups.exceptions import DrillFailedError
 from backups.management.base import progress_for
-from backups.management.operator import operator_errors
+from backups.management.operator import (
+    SCRATCH_REMOVED,
+    add_accept_unsigned_argument,
+    operator_errors,
+)
 from backups.services import backup_verify
 
 
@@ -18,14 +22,11 @@ class Command(BaseCommand):
         parser.add_argument(
             "--database", default="default", help="Database alias whose server hosts the drill."
         )
-
-        parser.add_argument(
-            "--accept-unsigned-backup", action="store_true", help=ACCEPT_UNSIGNED_HELP
-        )
+        add_accept_unsigned_argument(parser)
 
     def handle(self, *args, **options):
         try:
-            with operator_errors("its scratch database and staging files were removed"):
+            with operator_errors(SCRATCH_REMOVED):
                 report = backup_verify(
                     name=options["name"],
                     alias=options["database"],
