@@ -79,21 +79,57 @@ def env_header(name: str) -> tuple[str, str] | None:
     return header, value
 
 
-def database_from_url(url: str) -> dict:
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    if raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number, got {raw!r}.") from None
+
+
+def _hosts_and_ports(name: str, netloc: str) -> tuple[str, str]:
+    """'h1:5432,h2:5433' -> ("h1,h2", "5432,5433"), libpq's multi-host lists; a host
+    without a port gets 5432 when there are several."""
+    hosts, ports = [], []
+    for item in netloc.split(","):
+        host, port = item, ""
+        if item.startswith("["):  # [::1]:5432
+            host, _, rest = item[1:].partition("]")
+            port = rest.removeprefix(":")
+        elif item.count(":") == 1:
+            host, port = item.split(":")
+        if port and not port.isdigit():
+            raise ImproperlyConfigured(f"{name}: port {port!r} of host {host!r} is not a number.")
+        hosts.append(unquote(host))
+        ports.append(port)
+    if len(hosts) > 1:
+        ports = [port or "5432" for port in ports]
+    return ",".join(hosts), ",".join(ports)
+
+
+def database_from_url(url: str, *, name: str = "DATABASE_URL") -> dict:
+    """A Django DATABASES entry from postgres://user:password@host:port/db?options.
+    Several hosts (h1:5432,h2:5432) are tried in turn by libpq; with
+    ?target_session_attrs=read-write it connects to whichever is the primary."""
     parts = urlsplit(url)
     if parts.scheme not in {"postgres", "postgresql"}:
         raise ImproperlyConfigured(
-            f"DATABASE_URL must be a postgres:// URL, got scheme {parts.scheme!r}."
+            f"{name} must be a postgres:// URL, got scheme {parts.scheme!r}."
         )
+    userinfo, _, netloc = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    host, port = _hosts_and_ports(name, netloc)
     options = dict(parse_qsl(parts.query))
     pool_max = env_int("DATABASE_POOL_MAX_SIZE", 20)
     config = {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": unquote(parts.path.lstrip("/")) or "postgres",
-        "USER": unquote(parts.username or ""),
-        "PASSWORD": unquote(parts.password or ""),
-        "HOST": parts.hostname or "",
-        "PORT": str(parts.port or ""),
+        "USER": unquote(user),
+        "PASSWORD": unquote(password),
+        "HOST": host,
+        "PORT": port,
         "OPTIONS": options,
         "TEST": {"NAME": os.environ.get("DATABASE_TEST_NAME") or None},
     }
@@ -138,6 +174,31 @@ DATABASES = {
         required("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/freeagentics")
     )
 }
+# Behind PgBouncer in transaction pooling mode consecutive transactions may run on
+# different server connections: nothing may outlive a transaction. Django's psycopg 3
+# backend already sends no named prepared statements (prepare_threshold None); its
+# server-side cursors (QuerySet.iterator) would, so they are turned off.
+DATABASE_PGBOUNCER = env_bool("DATABASE_PGBOUNCER", False)
+if DATABASE_PGBOUNCER:
+    DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True
+    DATABASES["default"]["OPTIONS"]["prepare_threshold"] = None
+# A direct connection to the primary, bypassing a pooler, for what needs a session of
+# its own (pg_dump, pg_restore, partition maintenance's advisory lock). Unset: "default".
+if _direct := os.environ.get("DATABASE_DIRECT_URL", ""):
+    DATABASES["direct"] = database_from_url(_direct, name="DATABASE_DIRECT_URL")
+    DATABASES["direct"]["TEST"] = {"MIRROR": "default"}
+# Streaming replicas for reads (freeagentics.replicas routes them); none: nothing changes.
+DATABASE_REPLICAS = []
+for _number, _url in enumerate(env_list("DATABASE_REPLICA_URLS"), start=1):
+    _alias = f"replica{_number}"
+    DATABASES[_alias] = database_from_url(_url, name="DATABASE_REPLICA_URLS")
+    DATABASES[_alias]["TEST"] = {"MIRROR": "default"}
+    DATABASE_REPLICAS.append(_alias)
+# A replica further behind than this (seconds of replay) gets no reads.
+DATABASE_REPLICA_MAX_LAG = env_float("DATABASE_REPLICA_MAX_LAG", 5.0)
+# How long a replica's replay position and lag are trusted before asking it again.
+DATABASE_REPLICA_CHECK_SECONDS = env_float("DATABASE_REPLICA_CHECK_SECONDS", 0.5)
+DATABASE_ROUTERS = ["freeagentics.replicas.ReplicaRouter"] if DATABASE_REPLICAS else []
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = required("REDIS_URL", "redis://127.0.0.1:6379/0")
