@@ -71,7 +71,11 @@ SYSTEM_PACKAGES = {
     # A PostgreSQL of the tests' own (tests/postgres_cluster.py: pg_stat_statements,
     # later replicas); not on PATH in Debian.
     "/usr/lib/postgresql/15/bin/initdb": "postgresql-15",
+    # PgBouncer in front of the tests' servers (tests/pgbouncer_server.py); in /usr/sbin,
+    # which a non-root PATH may lack.
+    "/usr/sbin/pgbouncer": "pgbouncer",
 }
+POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 PYTEST_NO_TESTS_COLLECTED = 5
 PR_SET_PDEATHSIG = 1
 
@@ -192,7 +196,18 @@ def ensure_system_packages() -> None:
         if not conf.exists():
             conf.parent.mkdir(parents=True, exist_ok=True)
             conf.write_text("create_main_cluster = false\n")
-    apt_install(packages)
+    # Packages such as pgbouncer, prometheus and influxdb would start system services on
+    # their default ports; the tests start their own. policy-rc.d's exit 101 tells
+    # invoke-rc.d and deb-systemd-invoke to start nothing.
+    temporary_policy = not POLICY_RC_D.exists()
+    if temporary_policy:
+        POLICY_RC_D.write_text("#!/bin/sh\nexit 101\n")
+        POLICY_RC_D.chmod(0o755)
+    try:
+        apt_install(packages)
+    finally:
+        if temporary_policy:
+            POLICY_RC_D.unlink()
     still_missing = [binary for binary in missing if not shutil.which(binary)]
     if still_missing:
         raise DevstackError(f"still missing after apt-get install: {', '.join(still_missing)}")

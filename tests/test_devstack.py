@@ -274,9 +274,31 @@ def test_system_packages_already_present_need_no_apt(monkeypatch):
     assert calls == []
 
 
-def test_missing_system_packages_are_installed_after_one_apt_update(monkeypatch):
+def test_no_package_starts_a_system_service_while_installing(monkeypatch, tmp_path):
+    policy = tmp_path / "policy-rc.d"
+    seen = []
+
+    def fake_run(argv, **kwargs):
+        if argv[:2] == ["apt-get", "install"]:
+            seen.append(policy.read_text())
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(devstack, "POLICY_RC_D", policy)
+    monkeypatch.setattr(devstack.shutil, "which", lambda name: name != "/usr/sbin/pgbouncer")
+    monkeypatch.setattr(devstack.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(devstack, "_apt_updated", True)
+    monkeypatch.setattr(devstack.subprocess, "run", fake_run)
+
+    with pytest.raises(devstack.DevstackError, match="still missing"):
+        devstack.ensure_system_packages()
+
+    assert seen == ["#!/bin/sh\nexit 101\n"]
+    assert not policy.exists()
+
+
+def test_missing_system_packages_are_installed_after_one_apt_update(monkeypatch, tmp_path):
     installed = {"apt-get", "influxd", "chromium", "age", "prometheus", "promtool"}
-    installed.add("/usr/lib/postgresql/15/bin/initdb")
+    installed.update({"/usr/lib/postgresql/15/bin/initdb", "/usr/sbin/pgbouncer"})
     calls = []
 
     def fake_run(argv, **kwargs):
@@ -288,6 +310,7 @@ def test_missing_system_packages_are_installed_after_one_apt_update(monkeypatch)
     monkeypatch.setattr(devstack.shutil, "which", lambda name: name in installed or None)
     monkeypatch.setattr(devstack.os, "geteuid", lambda: 0)
     monkeypatch.setattr(devstack, "_apt_updated", False)
+    monkeypatch.setattr(devstack, "POLICY_RC_D", tmp_path / "policy-rc.d")
     monkeypatch.setattr(devstack.subprocess, "run", fake_run)
 
     devstack.ensure_system_packages()
