@@ -132,6 +132,9 @@ def database_from_url(url: str, *, name: str = "DATABASE_URL") -> dict:
         "PORT": port,
         "OPTIONS": options,
         "TEST": {"NAME": os.environ.get("DATABASE_TEST_NAME") or None},
+        # The pool checks a connection before handing it out (one empty round trip), so
+        # the connections a failover or restart killed are dropped, not given to a request.
+        "CONN_HEALTH_CHECKS": env_bool("DATABASE_HEALTH_CHECKS", True),
     }
     if pool_max > 0:
         # Django's psycopg pool replaces per-request connects; CONN_MAX_AGE must stay 0.
