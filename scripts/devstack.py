@@ -74,6 +74,9 @@ SYSTEM_PACKAGES = {
     # PgBouncer in front of the tests' servers (tests/pgbouncer_server.py); in /usr/sbin,
     # which a non-root PATH may lack.
     "/usr/sbin/pgbouncer": "pgbouncer",
+    # Redis servers and Sentinels of the tests' own (tests/redis_sentinel.py).
+    "redis-server": "redis-server",
+    "redis-sentinel": "redis-sentinel",
 }
 POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 PYTEST_NO_TESTS_COLLECTED = 5

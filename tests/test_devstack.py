@@ -299,6 +299,7 @@ def test_no_package_starts_a_system_service_while_installing(monkeypatch, tmp_pa
 def test_missing_system_packages_are_installed_after_one_apt_update(monkeypatch, tmp_path):
     installed = {"apt-get", "influxd", "chromium", "age", "prometheus", "promtool"}
     installed.update({"/usr/lib/postgresql/15/bin/initdb", "/usr/sbin/pgbouncer"})
+    installed.update({"redis-server", "redis-sentinel"})
     calls = []
 
     def fake_run(argv, **kwargs):
