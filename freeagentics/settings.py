@@ -196,6 +196,12 @@ for _number, _url in enumerate(env_list("DATABASE_REPLICA_URLS"), start=1):
     _alias = f"replica{_number}"
     DATABASES[_alias] = database_from_url(_url, name="DATABASE_REPLICA_URLS")
     DATABASES[_alias]["TEST"] = {"MIRROR": "default"}
+    # A replica that cannot give a connection within 2 s is skipped for the primary,
+    # rather than holding the read for libpq's or the pool's own (longer) wait.
+    DATABASES[_alias]["OPTIONS"].setdefault("connect_timeout", "2")
+    if "pool" in DATABASES[_alias]["OPTIONS"]:
+        _pool = DATABASES[_alias]["OPTIONS"]["pool"]
+        _pool["timeout"] = min(_pool["timeout"], 2)
     DATABASE_REPLICAS.append(_alias)
 # A replica further behind than this (seconds of replay) gets no reads.
 DATABASE_REPLICA_MAX_LAG = env_float("DATABASE_REPLICA_MAX_LAG", 5.0)
@@ -247,6 +253,15 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
+if DATABASE_REPLICAS:
+    # freeagentics.replicas: its app notes the primary's WAL position after each write;
+    # its middleware keeps an admin's in the session (after SessionMiddleware, before
+    # anything reads).
+    INSTALLED_APPS.append("freeagentics.replicas.ReplicasConfig")
+    MIDDLEWARE.insert(
+        MIDDLEWARE.index("django.contrib.sessions.middleware.SessionMiddleware") + 1,
+        "freeagentics.replicas.ReadPositionMiddleware",
+    )
 
 # --- HTTPS ---
 # Production defaults pass `manage.py check --deploy`. Behind a TLS-terminating proxy set

@@ -24,6 +24,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from agents.models import OperatorMembership, Tenant
+from freeagentics import replicas
 from realtime.logs import refusals
 from realtime.protocol import (
     CLOSE_BAD_REQUEST,
@@ -87,9 +88,20 @@ def presented_token(scope) -> str | None:
     return None
 
 
+def _authenticate(raw: str):
+    try:
+        return api_token_authenticate(raw)
+    except ValidationError:
+        if not settings.DATABASE_REPLICAS:
+            raise
+    # A token made moments ago may not have reached the replica that was asked.
+    with replicas.primary():
+        return api_token_authenticate(raw)
+
+
 def _token_principal(raw: str, tenant_slug: str | None) -> Principal:
     try:
-        token = api_token_authenticate(raw)
+        token = _authenticate(raw)
     except ValidationError:
         return _refuse(CLOSE_UNAUTHENTICATED, TOKEN_REJECTED)
     if tenant_slug and tenant_slug != token.tenant.slug:
@@ -134,6 +146,9 @@ def _session_principal(user, tenant_slug: str | None) -> Principal:
 
 @database_sync_to_async
 def _resolve(scope) -> Principal:
+    # What this browser wrote through the admin, the connection's reads must see: the
+    # position set here stays in the connection's context (freeagentics.replicas).
+    replicas.read_after(replicas.session_position(scope.get("session")))
     tenant_slug = query_param(scope, "tenant")
     raw = presented_token(scope)
     if raw is not None:

@@ -43,6 +43,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from agents.selectors import agent_tenants
+from freeagentics import replicas
 from freeagentics.telemetry import (
     WS_CONNECTIONS,
     WS_DELIVERY_SECONDS,
@@ -285,8 +286,11 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             self._open = True
             if self.token_id is not None:
                 await self.join_group(token_group(self.token_id))
-                # A revocation committed before we joined the group was announced to nobody.
-                if not await database_sync_to_async(api_tokens_active)([self.token_id]):
+                # A revocation committed before we joined the group was announced to
+                # nobody; a replica may not have replayed it yet, the primary has.
+                with replicas.primary():
+                    active = await database_sync_to_async(api_tokens_active)([self.token_id])
+                if not active:
                     raise Refusal(CLOSE_UNAUTHENTICATED, TOKEN_REVOKED)
             await self.open()
         except Refusal as refusal:
