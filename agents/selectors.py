@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 import h3
 from django.apps import apps
 from django.core.exceptions import ObjectDoesNotExist
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connections, router
 
 from agents import cache
 from agents.beliefs import belief_summary
@@ -67,7 +67,8 @@ def get_agent(*, tenant: Tenant, agent_id) -> AgentState:
             return state
     cache.stats["misses"] += 1
     BELIEF_MISSES.inc()
-    with connection.cursor() as cursor:
+    alias = router.db_for_read(Agent)
+    with connections[alias].cursor() as cursor:
         cursor.execute(
             f"SELECT {_COLUMNS}, belief_state FROM agents WHERE id = %s AND tenant_id = %s",
             [agent_id, tenant.id],
@@ -79,7 +80,10 @@ def get_agent(*, tenant: Tenant, agent_id) -> AgentState:
     state = state_from_row(
         row, None if token is None else decrypt_array(token, label=_LABEL, tenant_id=tenant.id)
     )
-    cache.agents_store([cache.agent_entry(state, token)])
+    if alias == DEFAULT_DB_ALIAS:
+        # Only the primary's row fills the cache: a replica's may be older than a write
+        # whose cache entry has since expired, and would then be served until the next.
+        cache.agents_store([cache.agent_entry(state, token)])
     return state
 
 
@@ -89,7 +93,7 @@ def agents_near(*, tenant: Tenant, cell: str, radius: int = 3) -> list[AgentStat
     cell = validate_cell(cell, field="cell")
     validate_radius(radius)
     cells = list(h3.grid_disk(cell, radius))
-    with connection.cursor() as cursor:
+    with connections[router.db_for_read(Agent)].cursor() as cursor:
         cursor.execute(
             f"SELECT {_COLUMNS} FROM agents "
             "WHERE location_h3 = ANY(%s::varchar[]) AND tenant_id = %s AND status = 'active'",
@@ -180,7 +184,7 @@ def encrypted_columns():
 
 
 def count_encrypted_rows() -> int:
-    with connection.cursor() as cursor:
+    with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
         cursor.execute(
             "SELECT (SELECT count(*) FROM agents WHERE belief_state IS NOT NULL)"
             " + (SELECT count(*) FROM agent_history WHERE belief_state IS NOT NULL)"

@@ -41,6 +41,7 @@ from agents.validators import (
     validate_text,
     validate_uuid,
 )
+from freeagentics import replicas
 from freeagentics.db import server_binding_cursor
 from freeagentics.telemetry import AGENT_UPDATE_BATCH, AGENT_UPDATE_SECONDS
 
@@ -400,4 +401,6 @@ def agents_bulk_load(
                 loaded += len(chunk)
                 if on_batch:
                     on_batch(len(chunk))
+        # COPY goes past Django's cursor, where freeagentics.replicas notes writes.
+        replicas.wrote()
     return loaded

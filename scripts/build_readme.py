@@ -16,6 +16,9 @@ ORDER = [
     "README-monitoring.md",
     "README-monitoring-health.md",
     "README-monitoring-alerts.md",
+    "README-replicas.md",
+    "README-failover.md",
+    "README-pgbouncer.md",
     "README-reliability.md",
 ]
 
@@ -26,6 +29,7 @@ BENCH_ORDER = [
     "BENCH-realtime.md",
     "BENCH-metrics.md",
     "BENCH-backup.md",
+    "BENCH-connections.md",
 ]
 
 

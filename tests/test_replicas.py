@@ -29,8 +29,9 @@ from django.test import AsyncClient, Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from agents import cache
 from agents.models import Agent, Tenant
-from agents.selectors import agent_history, agent_tenants
+from agents.selectors import agent_history, agent_tenants, agents_near, get_agent
 from agents.services import agents_update_states
 from agents.types import AgentStateUpdate
 from freeagentics import replicas
@@ -467,6 +468,27 @@ def test_writes_go_to_the_primary_and_reads_to_the_replicas_in_turn(routed):
     session.save()
     SessionStore(session_key=session.session_key).load()
     assert set(routed.served.since(mark)) == {"default"}
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_the_raw_sql_selectors_read_replicas_and_only_the_primary_fills_the_cache(routed):
+    tenant = factories.make_tenant()
+    agent = factories.make_agent(tenant)
+    routed.catch_up()
+    cache.agents_forget([agent.id])
+
+    with replicas.caller():
+        mark = routed.served.mark()
+        assert [a.id for a in agents_near(tenant=tenant, cell=agent.location_h3)] == [agent.id]
+        assert get_agent(tenant=tenant, agent_id=agent.id).id == agent.id
+        assert set(routed.served.since(mark)) <= set(ALIASES)
+        # A replica's row may be older than a write whose cache entry expired.
+        assert cache.agent_load(agent.id) is None
+
+    with replicas.primary():
+        get_agent(tenant=tenant, agent_id=agent.id)
+    assert cache.agent_load(agent.id) is not None
 
 
 @pytest.mark.slow
