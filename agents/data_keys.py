@@ -80,14 +80,23 @@ def forget_cached_keys() -> None:
 
 
 def key_connection() -> psycopg.Connection:
-    """A short autocommit connection to the default database, outside Django's. Its
+    """A short connection to the default database, outside Django's, whose `with` block
+    is one transaction: committed when the block ends, rolled back on an error. Its
     lock waits are bounded: a key row held by a stuck transaction is an error, not a
     writer hanging forever."""
     params = connections[DEFAULT_DB_ALIAS].get_connection_params()
     params.pop("cursor_factory", None)
     params.pop("context", None)
-    options = f"{params.pop('options', '')} -c lock_timeout={KEY_LOCK_TIMEOUT_MS}".strip()
-    return psycopg.connect(**params, options=options, autocommit=True)
+    conn = psycopg.connect(**params, autocommit=False)
+    try:
+        # SET LOCAL, not `-c lock_timeout` in the startup packet: PgBouncer 1.18 refuses
+        # the options parameter, and behind a pooler in transaction mode nothing may
+        # outlive the transaction (a session SET would stay on the server connection).
+        conn.execute(f"SET LOCAL lock_timeout = {int(KEY_LOCK_TIMEOUT_MS)}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def _master():

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import django
 from django.conf import settings
-from django.core.exceptions import ValidationError
-from django.db import OperationalError, connection, transaction
+from django.core.exceptions import ImproperlyConfigured, ValidationError
+from django.db import DEFAULT_DB_ALIAS, OperationalError, connection, connections, transaction
 from django.utils import timezone
 
 from backups import partition_selectors, pgtools, selectors, storage
@@ -48,6 +48,13 @@ from freeagentics.progress import NULL_PROGRESS, Progress
 PARTITION_LOCK_KEY = int.from_bytes(
     hashlib.sha256(b"freeagentics:maintain_partitions").digest()[:8], "big", signed=True
 )
+# DATABASES["direct"] (DATABASE_DIRECT_URL): a connection to the server, past any pooler.
+DIRECT_ALIAS = "direct"
+NEEDS_DIRECT_CONNECTION = (
+    "DATABASE_PGBOUNCER is on: partition maintenance needs sessions of its own (an "
+    "advisory lock held across transactions, pg_dump, pg_restore), which a pooler in "
+    "transaction mode does not give; set DATABASE_DIRECT_URL to the server itself."
+)
 
 
 @dataclass
@@ -65,16 +72,32 @@ class PartitionReport:
         return sum(a.rows or 0 for a in self.done if a.kind == "quarantine")
 
 
+def _session_alias() -> str:
+    """The alias that holds the maintenance lock and that pg_dump and pg_restore connect
+    through. Behind PgBouncer in transaction mode a session advisory lock would stay on
+    whichever server connection took it, held for other clients and lost to this one,
+    and pg_dump's and pg_restore's session SETs would be left to the app's transactions:
+    those need the direct connection. The DDL steps are single transactions and go
+    through the default alias like any write."""
+    if DIRECT_ALIAS in connections.settings:
+        return DIRECT_ALIAS
+    if settings.DATABASE_PGBOUNCER:
+        raise ImproperlyConfigured(NEEDS_DIRECT_CONNECTION)
+    return DEFAULT_DB_ALIAS
+
+
 @contextlib.contextmanager
 def _maintenance_lock():
-    with connection.cursor() as cursor:
+    # A session lock, held across the run's many transactions and its pg_dump runs.
+    session = connections[_session_alias()]
+    with session.cursor() as cursor:
         cursor.execute("SELECT pg_try_advisory_lock(%s)", [PARTITION_LOCK_KEY])
         if not cursor.fetchone()[0]:
             raise ValidationError(PARTITION_LOCK_HELD)
     try:
         yield
     finally:
-        with connection.cursor() as cursor:
+        with session.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_unlock(%s)", [PARTITION_LOCK_KEY])
 
 
@@ -295,7 +318,7 @@ def _archive_partition(
     The table is first renamed after its archive (indexes too), so that a month archived
     twice (rows came late) restores as two tables side by side.
     """
-    alias = connection.alias
+    alias = _session_alias()
     server, pg_dump = pgtools.pg_dump_client(alias)
     key = encryption_key()
     created_at = timezone.now()
@@ -383,12 +406,14 @@ def partitions_maintain(
 
     Arguments left None come from PARTITION_PREMAKE_MONTHS, PARTITION_RETENTION_MONTHS,
     PARTITION_ARCHIVE and PARTITION_DROP. The plan is partition_selectors.partition_plan(); it is
-    made again under a session advisory lock, so concurrent runs never interleave, and
-    every step checks its own precondition, so a rerun after a failure resumes. A plan
-    that drops tables needs allow_drop.
+    made again under a session advisory lock (on DATABASES["direct"] when there is one),
+    so concurrent runs never interleave, and every step checks its own precondition, so
+    a rerun after a failure resumes. A plan that drops tables needs allow_drop.
 
     Raises ValidationError (lock held, drops not allowed, bad settings), BackupError and
-    ToolFailedError (an archive failed; the table is kept, detached, for the next run).
+    ToolFailedError (an archive failed; the table is kept, detached, for the next run),
+    ImproperlyConfigured (DATABASE_PGBOUNCER on and no DATABASE_DIRECT_URL; a dry run
+    needs neither).
     """
     premake = settings.PARTITION_PREMAKE_MONTHS if premake is None else premake
     retention = (
@@ -470,8 +495,9 @@ def partition_restore(
 
     Raises ValidationError (table exists, or with attach its month is already attached;
     both with the SQL that clears the way; lock held), BackupNotFound,
-    BackupIntegrityError, ToolFailedError.
+    BackupIntegrityError, ToolFailedError, ImproperlyConfigured (as partitions_maintain).
     """
+    alias = _session_alias()
     manifest = selectors.backup_get(name)
     if manifest.kind != KIND_PARTITION:
         raise BackupError(f"{manifest.name} is a full backup: use `manage.py restore`.")
@@ -481,7 +507,6 @@ def partition_restore(
         raise BackupError(f"{info['parent']} is not a partitioned table this project maintains.")
     table = info["table"]
     entry = manifest.file("partition")
-    alias = connection.alias
     month = datetime.date.fromisoformat(info["from"][:10])
     with _maintenance_lock():
         if partition_selectors.table_exists(spec.schema, table):

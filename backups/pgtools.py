@@ -49,7 +49,18 @@ _OPTION_ENV = {
 SCRATCH_PREFIX = "fa_scratch_"
 SCRATCH_MARKER = "freeagentics scratch database"
 _SCRATCH_RE = re.compile(r"^fa_scratch_([0-9a-f]{8})_(\d+)_[0-9a-f]{8}$")
-_CONNECT_KEYS = {"sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl", "connect_timeout"}
+# What connect() copies from OPTIONS. target_session_attrs: with a multi-host DATABASE_URL
+# a side connection (an exported snapshot, the maintenance database) must reach the same
+# primary Django does, not whichever host answers first.
+_CONNECT_KEYS = {
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "sslcrl",
+    "connect_timeout",
+    "target_session_attrs",
+}
 
 
 @dataclass(frozen=True)

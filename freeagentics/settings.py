@@ -100,8 +100,10 @@ def _hosts_and_ports(name: str, netloc: str) -> tuple[str, str]:
             port = rest.removeprefix(":")
         elif item.count(":") == 1:
             host, port = item.split(":")
-        if port and not port.isdigit():
-            raise ImproperlyConfigured(f"{name}: port {port!r} of host {host!r} is not a number.")
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ImproperlyConfigured(
+                f"{name}: port {port!r} of host {host!r} is not a port number (1-65535)."
+            )
         hosts.append(unquote(host))
         ports.append(port)
     if len(hosts) > 1:
@@ -124,7 +126,9 @@ def database_from_url(url: str, *, name: str = "DATABASE_URL") -> dict:
     options = dict(parse_qsl(parts.query))
     pool_max = env_int("DATABASE_POOL_MAX_SIZE", 20)
     config = {
-        "ENGINE": "django.db.backends.postgresql",
+        # Django's backend, with a pool that drops every dead connection at the first one
+        # found (after a failover), instead of checking them one by one with back-off.
+        "ENGINE": "freeagentics.postgresql",
         "NAME": unquote(parts.path.lstrip("/")) or "postgres",
         "USER": unquote(user),
         "PASSWORD": unquote(password),

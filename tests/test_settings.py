@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from django.core.exceptions import ImproperlyConfigured
+
+from freeagentics.settings import database_from_url
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPLETE = {
@@ -188,3 +191,67 @@ def test_behind_the_proxy_https_is_recognised_and_plain_http_redirected():
     # Not redirected again (no loop behind the proxy), and HSTS is sent.
     assert status != "301"
     assert hsts == "max-age=31536000; includeSubDomains; preload"
+
+
+# --- DATABASE_URL naming several servers (libpq's host lists, for failover) ---
+
+
+@pytest.mark.parametrize(
+    "netloc, host, port",
+    [
+        ("h1:5432,h2:5433", "h1,h2", "5432,5433"),
+        ("h1,h2:5433", "h1,h2", "5432,5433"),  # in a list, a host without a port gets 5432
+        ("[::1]:5432,[fd00::2]:5433", "::1,fd00::2", "5432,5433"),
+        (
+            "10.0.0.1:5432,10.0.0.2:5432,10.0.0.3:6432",
+            "10.0.0.1,10.0.0.2,10.0.0.3",
+            "5432,5432,6432",
+        ),
+        ("h1", "h1", ""),  # one host without a port: libpq's default
+        ("h1:6543", "h1", "6543"),
+    ],
+)
+def test_database_url_hosts_and_ports_become_libpq_lists_in_order(netloc, host, port):
+    config = database_from_url(f"postgres://u:p@{netloc}/db?target_session_attrs=read-write")
+
+    assert (config["HOST"], config["PORT"]) == (host, port)
+    assert (config["NAME"], config["USER"], config["PASSWORD"]) == ("db", "u", "p")
+    assert config["OPTIONS"]["target_session_attrs"] == "read-write"
+
+
+@pytest.mark.parametrize(
+    "netloc, port, host",
+    [
+        ("h1:54x2,h2:5433", "54x2", "h1"),
+        ("h1:5432,h2:abc", "abc", "h2"),
+        ("h1:-1,h2:5432", "-1", "h1"),
+        ("[::1]:x,h2:5432", "x", "::1"),
+        ("h1:5432,h2:99999", "99999", "h2"),
+        ("h1:0,h2:5432", "0", "h1"),
+    ],
+)
+@pytest.mark.reliability("service bad input")
+def test_a_bad_port_in_a_host_list_is_refused_naming_the_variable(netloc, port, host):
+    for variable in ("DATABASE_URL", "DATABASE_REPLICA_URLS"):
+        with pytest.raises(ImproperlyConfigured) as refused:
+            database_from_url(f"postgres://u@{netloc}/db", name=variable)
+
+        assert str(refused.value) == (
+            f"{variable}: port {port!r} of host {host!r} is not a port number (1-65535)."
+        )
+
+
+def test_a_multi_host_database_url_configures_the_default_database_at_start_up():
+    url = "postgres://u@h1:5432,h2:5433/name?target_session_attrs=read-write"
+    result = load_settings({**COMPLETE, "DATABASE_URL": url})
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("h1,h2 5432,5433 name u  {'target_session_attrs': 'read-write'")
+
+
+def test_a_bad_port_in_the_database_url_stops_start_up_naming_the_variable():
+    result = load_settings({**COMPLETE, "DATABASE_URL": "postgres://u@h1:5432,h2:x/name"})
+
+    assert result.returncode != 0
+    refusal = "DATABASE_URL: port 'x' of host 'h2' is not a port number (1-65535)."
+    assert f"ImproperlyConfigured: {refusal}" in result.stderr

@@ -5,6 +5,7 @@ from agents.key_rotation import beliefs_reencrypt, data_keys_rotate, master_keys
 from agents.models import Tenant
 from agents.selectors import count_encrypted_rows
 from freeagentics.progress import Progress
+from freeagentics.standby import refuse_standby
 
 
 class Command(BaseCommand):
@@ -46,6 +47,7 @@ class Command(BaseCommand):
             raise CommandError("--batch-size must be at least 1.")
         if tenant and not (data_keys or reencrypt):
             raise CommandError("--tenant needs --data-keys or --reencrypt.")
+        refuse_standby("rotate_encryption_keys")
         tenant_ids = self._tenant_ids(tenant)
         try:
             if not (data_keys or reencrypt):

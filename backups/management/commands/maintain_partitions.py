@@ -1,8 +1,10 @@
 from django.conf import settings
 from django.core.management.base import BaseCommand
+from django.db import DEFAULT_DB_ALIAS
 
 from backups.management.base import progress_for, service_errors
-from backups.partitions import partitions_maintain
+from backups.partitions import DIRECT_ALIAS, partitions_maintain
+from freeagentics.standby import refuse_standby
 
 
 class Command(BaseCommand):
@@ -41,6 +43,8 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
+        # Its DDL goes through default, its lock and pg_dump through direct when set.
+        refuse_standby("maintain_partitions", using=(DEFAULT_DB_ALIAS, DIRECT_ALIAS))
         with service_errors():
             report = partitions_maintain(
                 premake=options["premake"],

@@ -5,6 +5,7 @@ from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from freeagentics.progress import Progress
+from freeagentics.standby import refuse_standby
 from freeagentics.telemetry import serve_on_port
 from metrics.exceptions import InfluxDBUnavailable
 from metrics.selectors import outbox_status
@@ -43,6 +44,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
+        refuse_standby("flush_metrics")
         if options["prometheus_port"] is not None:
             self._serve_prometheus(options["prometheus_port"])
         if options["requeue_rejected"]:
