@@ -4,6 +4,9 @@ loopback, agent updates driven through the service layer.
     .venv/bin/python benchmarks/realtime.py [--scenarios publish,watchers,dashboards]
         [--servers uvicorn,daphne] [--watchers 500,1000,2000] [--rate 1000]
         [--dashboard-rates 100,200,300,500] [--conflate-ms 250] [--duration 15]
+    .venv/bin/python benchmarks/realtime.py --scenarios watchers-spread,dashboards-max-rate
+        [--spread-watchers 1000] [--spread-rounds 2] [--max-rate-steps 100,200,300,...]
+        [--step-duration 10]
 
 Scenarios (docs/BENCH-realtime.md records a run):
   publish     the publishing path alone: Redis round trips and time to publish one batch
@@ -13,6 +16,17 @@ Scenarios (docs/BENCH-realtime.md records a run):
   dashboards  100 clients on the tenant stream /ws/agents/ at --rate updates/s; then the
               per-update stream at each of --dashboard-rates (highest with p99 <= 100 ms),
               then the conflated stream (?conflate=<ms>) at --rate.
+  watchers-spread
+              --spread-watchers watchers (one agent each, --rate updates/s in total) on
+              one uvicorn process, then spread evenly over two (same Redis, same
+              database); --spread-rounds rounds, interleaved. p50/p99 side by side.
+  dashboards-max-rate
+              100 dashboards on the per-update tenant stream (no conflation), the rate
+              stepped through --max-rate-steps (--step-duration s each) until p99 >
+              100 ms, something is dropped or the driver falls short, then once halfway
+              back: the highest rate held, with one uvicorn process and with two. Both
+              set-ups stay connected (each on a tenant of its own) and are measured in
+              turn at each rate.
 
 Latency is commit -> receive: the message's timestamp is taken in transaction.on_commit,
 the client subtracts it from its clock when the frame arrives (same machine, same clock).
@@ -24,6 +38,7 @@ driver, PostgreSQL and Redis share the same (small) machine: read the figures wi
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -45,7 +60,7 @@ os.environ.setdefault("CHANNEL_PREFIX", "bench-rt")
 os.environ.setdefault("CACHE_KEY_PREFIX", "bench-rt")
 os.environ.setdefault("DATABASE_POOL_MAX_SIZE", "8")
 
-from common import percentile, report, setup  # noqa: E402
+from common import median, percentile, report, setup  # noqa: E402
 
 CONNECT_CONCURRENCY = 50
 TIMESTAMP = re.compile(rb'"timestamp":([0-9.e+-]+)')
@@ -63,7 +78,7 @@ async def run_clients(args) -> None:
     import uvloop  # noqa: F401  (the loop policy is set by the caller)
     from websockets.asyncio.client import connect
 
-    paths = Path(args.paths_file).read_text().split()
+    urls = Path(args.urls_file).read_text().split()
     headers = {"Authorization": f"Bearer {args.token}"}
     state = {"recording": False, "closed": 0, "dropped": 0, "messages": 0, "frames": 0}
     latencies = array("d")
@@ -94,12 +109,12 @@ async def run_clients(args) -> None:
     semaphore = asyncio.Semaphore(CONNECT_CONCURRENCY)
     failed = 0
 
-    async def open_one(path: str):
+    async def open_one(url: str):
         nonlocal failed
         async with semaphore:
             try:
                 ws = await connect(
-                    f"{args.url}{path}",
+                    url,
                     additional_headers=headers,
                     proxy=None,
                     compression="deflate" if args.compression else None,
@@ -113,32 +128,37 @@ async def run_clients(args) -> None:
             sockets.append(ws)
             readers.append(asyncio.ensure_future(reader(ws)))
 
-    await asyncio.gather(*(open_one(p) for p in paths))
+    await asyncio.gather(*(open_one(u) for u in urls))
     loop = asyncio.get_running_loop()
     print(f"READY {len(sockets)} {failed}", flush=True)
-    while (line := (await loop.run_in_executor(None, sys.stdin.readline)).strip()) != "GO":
-        if not line:
-            return
-    state["recording"] = True
-    started = time.time()
-    await loop.run_in_executor(None, sys.stdin.readline)
-    state["recording"] = False
-    elapsed = time.time() - started
-    print(
-        json.dumps(
-            {
-                "connected": len(sockets),
-                "failed": failed,
-                "closed": state["closed"],
-                "dropped": state["dropped"],
-                "messages": state["messages"],
-                "frames": state["frames"],
-                "elapsed": elapsed,
-                "latencies": latencies.tolist(),
-            }
-        ),
-        flush=True,
-    )
+    # One measured window per GO ... STOP; the connections stay up between windows.
+    while True:
+        while (line := (await loop.run_in_executor(None, sys.stdin.readline)).strip()) != "GO":
+            if not line:
+                break
+        if line != "GO":
+            break
+        state.update(recording=True, closed=0, dropped=0, messages=0, frames=0)
+        del latencies[:]
+        started = time.time()
+        await loop.run_in_executor(None, sys.stdin.readline)
+        state["recording"] = False
+        elapsed = time.time() - started
+        print(
+            json.dumps(
+                {
+                    "connected": len(sockets),
+                    "failed": failed,
+                    "closed": state["closed"],
+                    "dropped": state["dropped"],
+                    "messages": state["messages"],
+                    "frames": state["frames"],
+                    "elapsed": elapsed,
+                    "latencies": latencies.tolist(),
+                }
+            ),
+            flush=True,
+        )
     for ws in sockets:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(ws.close(), 2)
@@ -169,6 +189,15 @@ def server_command(server: str, port: int, compression: bool) -> list[str]:
             "-v", "0", "freeagentics.asgi:application",
         ]  # fmt: skip
     raise SystemExit(f"unknown server {server!r}")
+
+
+@contextlib.contextmanager
+def running_servers(server: str, count: int, log_dir: Path, compression: bool = False):
+    """`count` server processes, each on a port of its own: yields [(process, url)]."""
+    with contextlib.ExitStack() as stack:
+        yield [
+            stack.enter_context(running_server(server, log_dir, compression)) for _ in range(count)
+        ]
 
 
 @contextlib.contextmanager
@@ -205,21 +234,24 @@ def running_server(server: str, log_dir: Path, compression: bool = False):
             proc.wait()
 
 
-class Clients:
-    """Client processes, each holding a share of the connections."""
+_client_sets = itertools.count()
 
-    def __init__(self, url: str, token: str, paths: list[str], processes: int, tmp: Path, args):
+
+class Clients:
+    """Client processes, each holding a share of the connections (full ws:// URLs)."""
+
+    def __init__(self, token: str, urls: list[str], processes: int, tmp: Path, args):
         self.procs = []
-        share = -(-len(paths) // processes)
+        share = -(-len(urls) // processes)
         for n in range(processes):
-            chunk = paths[n * share : (n + 1) * share]
+            chunk = urls[n * share : (n + 1) * share]
             if not chunk:
                 continue
-            paths_file = tmp / f"paths-{n}.txt"
-            paths_file.write_text("\n".join(chunk))
+            urls_file = tmp / f"urls-{next(_client_sets)}.txt"
+            urls_file.write_text("\n".join(chunk))
             command = [
-                sys.executable, __file__, "client", "--url", url, "--token", token,
-                "--paths-file", str(paths_file),
+                sys.executable, __file__, "client", "--token", token,
+                "--urls-file", str(urls_file),
             ] + (["--compression"] if args.compression else [])  # fmt: skip
             self.procs.append(
                 subprocess.Popen(
@@ -296,22 +328,26 @@ def drive(tenant, agent_ids: list, rate: float, seconds: float, rng) -> tuple[in
     return done, done / (time.perf_counter() - start)
 
 
-def measure(server_proc, clients: Clients, tenant, agent_ids, rate, args, rng) -> dict:
+def measure(
+    server_procs, clients: Clients, tenant, agent_ids, rate, args, rng, duration=None
+) -> dict:
+    """Drive `rate` updates/s for `duration` s (default --duration) and measure. Server
+    CPU and RSS are summed over the server processes."""
     import psutil
 
     from realtime.publisher import publisher
 
-    server = psutil.Process(server_proc.pid)
+    servers = [psutil.Process(p.pid) for p in server_procs]
     drive(tenant, agent_ids, rate, SETTLE_SECONDS, rng)
     publisher.flush()
     time.sleep(0.5)
     clients.send("GO")
-    cpu_before = server.cpu_times()
+    cpu_before = [s.cpu_times() for s in servers]
     client_cpu_before = [psutil.Process(p.pid).cpu_times() for p in clients.procs]
     driver_cpu_before = psutil.Process().cpu_times()
     wall = time.perf_counter()
     driving = time.perf_counter()
-    done, achieved = drive(tenant, agent_ids, rate, args.duration, rng)
+    done, achieved = drive(tenant, agent_ids, rate, duration or args.duration, rng)
     driving = time.perf_counter() - driving
     backlog = publisher._backlog
     flushing = time.perf_counter()
@@ -319,7 +355,7 @@ def measure(server_proc, clients: Clients, tenant, agent_ids, rate, args, rng) -
     flushing = time.perf_counter() - flushing
     time.sleep(1.0)  # let in-flight frames land before the clients stop counting
     wall = time.perf_counter() - wall
-    cpu_after = server.cpu_times()
+    cpu_after = [s.cpu_times() for s in servers]
     client_cpu_after = [psutil.Process(p.pid).cpu_times() for p in clients.procs]
     driver_cpu_after = psutil.Process().cpu_times()
     clients.send("STOP")
@@ -333,12 +369,12 @@ def measure(server_proc, clients: Clients, tenant, agent_ids, rate, args, rng) -
         **result,
         "updates": done,
         "achieved_rate": achieved,
-        "server_cpu": busy(cpu_before, cpu_after),
+        "server_cpu": sum(busy(b, a) for b, a in zip(cpu_before, cpu_after, strict=True)),
         "clients_cpu": sum(
             busy(b, a) for b, a in zip(client_cpu_before, client_cpu_after, strict=True)
         ),
         "driver_cpu": busy(driver_cpu_before, driver_cpu_after),
-        "server_rss_mib": server.memory_info().rss / 2**20,
+        "server_rss_mib": sum(s.memory_info().rss for s in servers) / 2**20,
         "publisher_backlog": backlog,
         "publisher_flush_s": flushing if flushed else float("inf"),
         "load_average": os.getloadavg()[0],
@@ -351,29 +387,136 @@ def measure(server_proc, clients: Clients, tenant, agent_ids, rate, args, rng) -
     }
 
 
-def scenario(server: str, paths: list[str], rate: float, tenant, agent_ids, token, args, rng):
-    """Start a server, connect len(paths) clients, drive `rate` updates/s, measure."""
+def spread(urls: list[str], paths: list[str]) -> list[str]:
+    """Client i connects to server i mod len(urls): an even spread, and every client
+    process holds connections to every server."""
+    return [f"{urls[i % len(urls)]}{path}" for i, path in enumerate(paths)]
+
+
+@contextlib.contextmanager
+def connected(server: str, processes: int, paths: list[str], token, args):
+    """Start `processes` servers and connect the clients, spread over them; yields
+    (server processes, Clients, RSS growth per connection in KiB)."""
     import psutil
 
     tmp = Path(args.tmp)
-    with running_server(server, tmp, args.compression) as (proc, url):
+    with running_servers(server, processes, tmp, args.compression) as started:
+        procs = [proc for proc, _ in started]
+
+        def rss() -> int:
+            return sum(psutil.Process(p.pid).memory_info().rss for p in procs)
+
         time.sleep(1.0)
-        rss_before = psutil.Process(proc.pid).memory_info().rss
-        clients = Clients(url, token, paths, args.client_processes, tmp, args)
+        rss_before = rss()
+        clients = Clients(
+            token, spread([url for _, url in started], paths), args.client_processes, tmp, args
+        )
         try:
             time.sleep(1.0)
-            rss_connected = psutil.Process(proc.pid).memory_info().rss
-            result = measure(proc, clients, tenant, agent_ids, rate, args, rng)
+            per_connection = (rss() - rss_before) / 1024 / max(1, clients.connected)
+            yield procs, clients, per_connection
         finally:
             clients.close()
+
+
+def scenario(
+    server: str, paths: list[str], rate: float, tenant, agent_ids, token, args, rng, processes=1
+):
+    """Start `processes` servers, connect len(paths) clients spread over them, drive
+    `rate` updates/s, measure."""
+    with connected(server, processes, paths, token, args) as (procs, clients, per_connection):
+        result = measure(procs, clients, tenant, agent_ids, rate, args, rng)
     result.update(
-        server=server,
+        server=server if processes == 1 else f"{server} x{processes}",
+        processes=processes,
         connections=clients.connected,
         connect_failures=clients.failed,
         rate=rate,
-        kib_per_connection=(rss_connected - rss_before) / 1024 / max(1, clients.connected),
+        kib_per_connection=per_connection,
     )
     return result
+
+
+def holds(result: dict, p99_ms: float = 100) -> bool:
+    """Kept up: p99 within the bound, nothing dropped or closed, the driver at rate."""
+    return (
+        result["p99_ms"] <= p99_ms
+        and result["dropped"] == 0
+        and result["closed"] == 0
+        and result["achieved_rate"] >= 0.95 * result["rate"]
+    )
+
+
+def max_rates(server: str, configs: list, paths, args, rng) -> list[dict]:
+    """For each config (processes, tenant, agent ids, token): step the per-update rate
+    through --max-rate-steps until a step does not hold, then try once halfway between
+    the last rate held and that one. All configs stay connected throughout, each on a
+    tenant of its own (so only the measured one receives updates), and are measured in
+    turn at each rate: the machine's load changes by the minute, and the comparison is
+    what matters. Returns every step's result."""
+    steps = []
+    with contextlib.ExitStack() as stack:
+        live = []
+        for processes, tenant, agent_ids, token in configs:
+            procs, clients, per_connection = stack.enter_context(
+                connected(server, processes, paths, token, args)
+            )
+            live.append(
+                {
+                    "processes": processes,
+                    "tenant": tenant,
+                    "agent_ids": agent_ids,
+                    "procs": procs,
+                    "clients": clients,
+                    "per_connection": per_connection,
+                    "held": 0.0,
+                    "done": False,
+                }
+            )
+
+        def step(config: dict, rate: float) -> dict:
+            result = measure(
+                config["procs"],
+                config["clients"],
+                config["tenant"],
+                config["agent_ids"],
+                rate,
+                args,
+                rng,
+                duration=args.step_duration,
+            )
+            processes = config["processes"]
+            result.update(
+                server=server if processes == 1 else f"{server} x{processes}",
+                processes=processes,
+                connections=config["clients"].connected,
+                connect_failures=config["clients"].failed,
+                rate=rate,
+                kib_per_connection=config["per_connection"],
+            )
+            result["held"] = holds(result)
+            steps.append(result)
+            report(
+                f"Dashboards, max rate: {len(paths)} on the per-update stream, "
+                f"{rate:,.0f} updates/s, {processes} process(es)",
+                describe(result),
+            )
+            return result
+
+        for rate in (float(r) for r in args.max_rate_steps.split(",") if r):
+            for config in live:
+                if config["done"]:
+                    continue
+                if step(config, rate)["held"]:
+                    config["held"] = rate
+                    continue
+                config["done"] = True
+                middle = round((config["held"] + rate) / 2 / 50) * 50
+                if config["held"] < middle < rate:
+                    step(config, middle)
+            if all(config["done"] for config in live):
+                break
+    return steps
 
 
 def describe(result: dict) -> list[tuple[str, str]]:
@@ -494,8 +637,13 @@ def publish_path(tenant, agent_ids, args) -> list[dict]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--scenarios", default="publish,watchers,dashboards")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--scenarios",
+        default="publish,watchers,dashboards,watchers-spread,dashboards-max-rate",
+    )
     parser.add_argument("--servers", default="uvicorn,daphne")
     parser.add_argument("--watchers", default="500,1000,2000")
     parser.add_argument("--rate", type=float, default=1000)
@@ -508,6 +656,23 @@ def main():
         help="conflation intervals; the first runs on every server, the others on the first",
     )
     parser.add_argument("--duration", type=float, default=15)
+    parser.add_argument(
+        "--spread-watchers", type=int, default=1000, help="watchers-spread: watchers in all"
+    )
+    parser.add_argument(
+        "--spread-rounds", type=int, default=2, help="watchers-spread: rounds of (1, 2 processes)"
+    )
+    parser.add_argument(
+        "--max-rate-steps",
+        default="100,200,300,400,500,600,800",
+        help="dashboards-max-rate: per-update rates tried in turn, until one does not hold",
+    )
+    parser.add_argument(
+        "--step-duration",
+        type=float,
+        default=10,
+        help="dashboards-max-rate: seconds measured per step",
+    )
     parser.add_argument("--client-processes", type=int, default=2)
     parser.add_argument("--compression", action="store_true", help="permessage-deflate")
     parser.add_argument("--publish-batch", type=int, default=1000)
@@ -536,21 +701,30 @@ def main():
     scenarios = set(args.scenarios.split(","))
     servers = args.servers.split(",")
     watchers = [int(n) for n in args.watchers.split(",")]
-    needed = max([*watchers, args.dashboard_agents, args.publish_batch])
-    tenant, _ = Tenant.objects.get_or_create(slug="bench-realtime", defaults={"name": "Bench RT"})
-    if Agent.objects.filter(tenant=tenant).count() != needed:
-        Agent.objects.filter(tenant=tenant).delete()
-        agents_bulk_load(
-            tenant=tenant,
-            specs=(
-                AgentSpec(name=f"rt{i:05d}", agent_type="bench", beliefs=rng.dirichlet(np.ones(8)))
-                for i in range(needed)
-            ),
+    needed = max([*watchers, args.spread_watchers, args.dashboard_agents, args.publish_batch])
+
+    def bench_tenant(slug: str, agents: int):
+        """The tenant `slug` with exactly `agents` agents (loaded once), its agent ids and
+        a new token that may read beliefs."""
+        tenant, _ = Tenant.objects.get_or_create(slug=slug, defaults={"name": slug})
+        if Agent.objects.filter(tenant=tenant).count() != agents:
+            Agent.objects.filter(tenant=tenant).delete()
+            agents_bulk_load(
+                tenant=tenant,
+                specs=(
+                    AgentSpec(
+                        name=f"rt{i:05d}", agent_type="bench", beliefs=rng.dirichlet(np.ones(8))
+                    )
+                    for i in range(agents)
+                ),
+            )
+        agent_ids = list(
+            Agent.objects.filter(tenant=tenant).order_by("name").values_list("id", flat=True)
         )
-    agent_ids = list(
-        Agent.objects.filter(tenant=tenant).order_by("name").values_list("id", flat=True)
-    )
-    _, token = api_token_create(tenant=tenant, name="benchmark", can_read_beliefs=True)
+        _, token = api_token_create(tenant=tenant, name="benchmark", can_read_beliefs=True)
+        return tenant, agent_ids, token
+
+    tenant, agent_ids, token = bench_tenant("bench-realtime", needed)
     print(
         f"batches travel on the {settings.REALTIME_CHANNEL_LAYER!r} channel layer "
         f"({settings.CHANNEL_LAYERS[settings.REALTIME_CHANNEL_LAYER]['BACKEND']})"
@@ -561,7 +735,13 @@ def main():
         f"batches every {BATCH_INTERVAL * 1000:.0f} ms; compression "
         f"{'on' if args.compression else 'off'}"
     )
-    results = {"publish": [], "watchers": [], "dashboards": []}
+    results = {
+        "publish": [],
+        "watchers": [],
+        "dashboards": [],
+        "watchers-spread": [],
+        "dashboards-max-rate": [],
+    }
 
     if "publish" in scenarios:
         rows = publish_path(tenant, agent_ids, args)
@@ -640,6 +820,93 @@ def main():
             + (f"{max(passing):,.0f} updates/s" if passing else "none of those tried")
         )
 
+    if "watchers-spread" in scenarios:
+        n = args.spread_watchers
+        paths = [f"/ws/agents/{agent_id}/" for agent_id in agent_ids[:n]]
+        for _ in range(args.spread_rounds):
+            for processes in (1, 2):
+                result = scenario(
+                    "uvicorn", paths, args.rate, tenant, agent_ids[:n], token, args, rng, processes
+                )
+                result["scenario"] = f"watchers-spread N={n}"
+                results["watchers-spread"].append(result)
+                report(
+                    f"Watchers spread: N={n}, {args.rate:,.0f} updates/s, "
+                    f"{processes} uvicorn process(es)",
+                    describe(result),
+                )
+        by = {p: [r for r in results["watchers-spread"] if r["processes"] == p] for p in (1, 2)}
+
+        def med(processes: int, key: str) -> float:
+            return median([r[key] for r in by[processes]])
+
+        rows = []
+        for key, label in (("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99")):
+            one, two = med(1, key), med(2, key)
+            rows.append(
+                (
+                    f"{label}: 1 process / 2 processes (ratio 2/1)",
+                    f"{one:.1f} / {two:.1f} ms ({two / one:.2f}x)",
+                )
+            )
+        rows.append(
+            (
+                "server CPU: 1 process / 2 processes (summed)",
+                f"{med(1, 'server_cpu'):.0%} / {med(2, 'server_cpu'):.0%} of a core",
+            )
+        )
+        rows.append(
+            (
+                "errors (failed + closed + dropped), all runs",
+                str(
+                    sum(
+                        r["connect_failures"] + r["closed"] + r["dropped"]
+                        for r in results["watchers-spread"]
+                    )
+                ),
+            )
+        )
+        report(f"Watchers spread: N={n}, medians of {args.spread_rounds} round(s)", rows)
+
+    if "dashboards-max-rate" in scenarios:
+        stream = ["/ws/agents/"] * args.dashboards
+        configs = [
+            (1, tenant, agent_ids[: args.dashboard_agents], token),
+            (2, *bench_tenant("bench-realtime-2", args.dashboard_agents)),
+        ]
+        steps = max_rates("uvicorn", configs, stream, args, rng)
+        for step in steps:
+            step["scenario"] = "dashboards-max-rate"
+        results["dashboards-max-rate"] = steps
+        best = {}
+        for processes in (1, 2):
+            held = [s for s in steps if s["held"] and s["processes"] == processes]
+            failed = [s for s in steps if not s["held"] and s["processes"] == processes]
+            best[processes] = (
+                max(held, key=lambda s: s["rate"]) if held else None,
+                min(failed, key=lambda s: s["rate"]) if failed else None,
+            )
+        rows = []
+        for processes, (top, first_failed) in best.items():
+            text = (
+                f"{top['rate']:,.0f} updates/s held (p99 {top['p99_ms']:,.1f} ms)"
+                if top
+                else "no step held"
+            )
+            text += (
+                f"; {first_failed['rate']:,.0f}/s did not (p99 {first_failed['p99_ms']:,.0f} ms, "
+                f"{first_failed['dropped']:,} dropped, driver "
+                f"{first_failed['achieved_rate']:,.0f}/s)"
+                if first_failed
+                else "; the highest step tried"
+            )
+            rows.append((f"{processes} process(es)", text))
+        report(
+            f"Dashboards: highest per-update rate with p99 <= 100 ms, {args.dashboards} "
+            "clients, no conflation",
+            rows,
+        )
+
     Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"\nFigures written to {args.json}")
 
@@ -650,9 +917,8 @@ if __name__ == "__main__":
 
         client_parser = argparse.ArgumentParser()
         client_parser.add_argument("role")
-        client_parser.add_argument("--url", required=True)
         client_parser.add_argument("--token", required=True)
-        client_parser.add_argument("--paths-file", required=True)
+        client_parser.add_argument("--urls-file", required=True)
         client_parser.add_argument("--compression", action="store_true")
         uvloop.run(run_clients(client_parser.parse_args()))
     else:
