@@ -9,46 +9,99 @@ from a writer's on_commit refresh or a reader filling a miss; a slow writer or
 reader can never put an older state over a newer one.
 
 Redis failures never fail a caller: reads fall back to PostgreSQL and writes still
-commit. The first failure is logged, then Redis is left alone for RETRY_AFTER
-seconds, so an outage costs neither a log line nor a timeout per call.
+commit. The first failure is logged, then Redis is left alone for
+REDIS_CACHE_RETRY_SECONDS, so an outage costs neither a log line nor a timeout per call.
+
+Across a failover or restart (docs/README-sentinel.md). The server that answers after a
+Sentinel failover holds what the old master had replicated: an entry whose refresh was
+lost with the old master, or skipped while Redis was down, would be served as if
+current. So the cache is trusted per server, through an epoch key holding the run id of
+the server it was last checked on:
+
+- a process checks ("fences") the server before its first use, after any failure, and
+  when its sentinel-managed pool has moved to another master (the answer of that call
+  is dropped). A server whose epoch is not its own run id (a promoted replica, a
+  restarted server, a flushed database) has the cached entries and membership sets
+  removed first, by one process, while the epoch says "flushing" (the others miss);
+- every cache write carries the epoch its process checked; a server with another
+  epoch deletes the keys instead of writing them, so a process that has not yet
+  noticed a failover cannot put an entry back after the removal;
+- a write this process could not make (Redis down, refused) leaves its keys to be
+  deleted, and generations to be bumped, as soon as it reaches Redis again.
 """
 
 import collections
 import json
 import logging
+import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
+from django.conf import settings
 from django.core.cache import cache
 from django_redis import get_redis_connection
 from redis.exceptions import RedisError
 
 from agents.types import AgentState, from_micros, micros
+from freeagentics.redis_connection import connected_master
 from freeagentics.telemetry import REDIS_COMMAND_SECONDS, timed
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BELIEFS_TTL = 300
-RETRY_AFTER = 5.0
 CHUNK = 1000
+# Keys a process remembers to delete once Redis answers again; past this many, the whole
+# cache is removed instead at the next check.
+PENDING_MAX = 100_000
+# How long a process may take to remove the cache of a new server before another may.
+FLUSH_LOCK_MS = 30_000
+# What a cache operation returns when the server's epoch is not its process's.
+REFUSED = "refused"
+FLUSHING = "flushing:"
 
 _CAS_SCRIPT = """
+local epoch = redis.call('GET', KEYS[1])
+if epoch ~= ARGV[2] then
+    if epoch then
+        for i = 2, #KEYS do
+            redis.call('DEL', KEYS[i])
+        end
+        return -1
+    end
+    redis.call('SET', KEYS[1], ARGV[2])
+end
 local ttl = ARGV[1]
 local written = 0
-for i, key in ipairs(KEYS) do
-    local version = tonumber(ARGV[2 * i])
-    local current = redis.call('GET', key)
+for i = 2, #KEYS do
+    local version = tonumber(ARGV[2 * i - 1])
+    local current = redis.call('GET', KEYS[i])
     local current_version = current and tonumber(string.match(current, '^(%d+)'))
     if not current_version or version > current_version then
-        redis.call('SET', key, ARGV[2 * i + 1], 'EX', ttl)
+        redis.call('SET', KEYS[i], ARGV[2 * i], 'EX', ttl)
         written = written + 1
     end
 end
 return written
+"""
+
+# 1: the server is checked (epoch = its run id); 0: another process is removing its
+# cache; 2: this process must remove it (the epoch now says so, for FLUSH_LOCK_MS).
+_FENCE_SCRIPT = """
+local epoch = redis.call('GET', KEYS[1])
+if epoch == ARGV[1] and ARGV[4] == '0' then return 1 end
+if epoch and string.sub(epoch, 1, 9) == 'flushing:' then return 0 end
+redis.call('SET', KEYS[1], 'flushing:' .. ARGV[2], 'PX', ARGV[3])
+return 2
+"""
+
+_FENCED_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= 'flushing:' .. ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
 """
 
 
@@ -58,24 +111,73 @@ def _command_timer(operation):
     return REDIS_COMMAND_SECONDS.labels(operation.__qualname__.partition(".")[0])
 
 
+def epoch_key() -> str:
+    return cache.make_key("cache:epoch")
+
+
+def _flush_patterns() -> list[str]:
+    # Every key the caches derive from PostgreSQL: agent entries, membership sets and
+    # their generations. Not the epoch, not the channel layers' keys.
+    return [
+        re.sub(r"([*?\[\]\\])", r"\\\1", cache.make_key(family)) + "*"
+        for family in ("agent:beliefs:", "coalition:members:")
+    ]
+
+
 class _RedisGuard:
     def __init__(self):
         self._lock = threading.Lock()
+        self._fence_lock = threading.Lock()
         self._down_since: float | None = None
         self._retry_at = 0.0
+        # The run id of the server this process has checked, and the master its pool
+        # was connected to then; None: check before the next use.
+        self.epoch: str | None = None
+        self._master = None
+        # Bumped whenever trust is lost, so a check that overlapped a failure does not
+        # restore it.
+        self._distrusts = 0
+        self._stale_keys: set[str] = set()
+        self._stale_generations: dict[str, int] = {}
+        self._flush_needed = False
 
-    def call(self, operation: Callable[..., T], default: T) -> T:
+    def call(
+        self,
+        operation: Callable[..., T],
+        default: T,
+        *,
+        stale: Iterable[str] = (),
+        generations: dict[str, int] | None = None,
+    ) -> T:
+        """operation(redis), or `default` when Redis is down, not yet checked, or the
+        answer came from another server than the one checked. `stale` (keys to delete)
+        and `generations` (keys to increment, with their TTL) are what a write leaves
+        behind if it does not happen: they are applied once Redis answers again."""
         if self._down_since is not None and time.monotonic() < self._retry_at:
+            self._remember(stale, generations)
             return default
         try:
+            redis = get_redis_connection("default")
+            if self.epoch is None and not self._fence(redis):
+                self._remember(stale, generations)
+                return default
             with timed(_command_timer(operation)):
-                result = operation(get_redis_connection("default"))
+                result = operation(redis)
+            moved = connected_master(redis) != self._master
         except (RedisError, OSError) as e:
+            self._distrust()
             with self._lock:
                 if self._down_since is None:
                     self._down_since = time.monotonic()
                     logger.warning("Redis unavailable, falling back to PostgreSQL: %s", e)
-                self._retry_at = time.monotonic() + RETRY_AFTER
+                self._retry_at = time.monotonic() + settings.REDIS_CACHE_RETRY_SECONDS
+            self._remember(stale, generations)
+            return default
+        if moved or result == REFUSED:
+            # Another master answered (a failover), or the server was checked by others
+            # since: what it said is not trusted until this process checks it.
+            self._distrust()
+            self._remember(stale, generations)
             return default
         if self._down_since is not None:
             with self._lock:
@@ -86,10 +188,100 @@ class _RedisGuard:
                     self._down_since = None
         return result
 
+    def _distrust(self) -> None:
+        with self._lock:
+            self.epoch = None
+            self._distrusts += 1
+
+    def _remember(self, stale: Iterable[str], generations: dict[str, int] | None) -> None:
+        with self._lock:
+            self._stale_keys.update(stale)
+            if generations:
+                self._stale_generations.update(generations)
+            if len(self._stale_keys) + len(self._stale_generations) > PENDING_MAX:
+                self._stale_keys.clear()
+                self._stale_generations.clear()
+                self._flush_needed = True
+                self.epoch = None
+                self._distrusts += 1
+
+    def _fence(self, redis) -> bool:
+        """Check the server this client reaches, removing its cache if it was not checked
+        as itself; then apply what failed writes left. False while another thread or
+        process is at it (the caller treats Redis as unavailable)."""
+        if not self._fence_lock.acquire(blocking=False):
+            return False
+        try:
+            if self.epoch is not None:
+                return True
+            distrusts = self._distrusts
+            run_id = redis.info("server")["run_id"]
+            master = connected_master(redis)
+            token = uuid.uuid4().hex
+            force = "1" if self._flush_needed else "0"
+            key = epoch_key()
+            state = redis.eval(_FENCE_SCRIPT, 1, key, run_id, token, FLUSH_LOCK_MS, force)
+            if state == 0:
+                return False
+            if state == 2:
+                removed = _remove_cached(redis)
+                if not redis.eval(_FENCED_SCRIPT, 1, key, token, run_id):
+                    return False  # took longer than FLUSH_LOCK_MS: another process redoes it
+                stats["flushes"] += 1
+                logger.warning(
+                    "Redis cache: server %s (run id %s) was not checked as itself; "
+                    "removed its %d cached entries",
+                    f"{master[0]}:{master[1]}" if master else "of REDIS_URL",
+                    run_id[:8],
+                    removed,
+                )
+            self._apply_stale(redis, flushed=state == 2 and force == "1")
+            with self._lock:
+                if self._distrusts != distrusts:
+                    return False
+                self._master = master
+                self.epoch = run_id
+            return True
+        finally:
+            self._fence_lock.release()
+
+    def _apply_stale(self, redis, *, flushed: bool) -> None:
+        with self._lock:
+            keys, self._stale_keys = list(self._stale_keys), set()
+            generations, self._stale_generations = self._stale_generations, {}
+            if flushed:
+                self._flush_needed = False
+        try:
+            with redis.pipeline(transaction=False) as pipe:
+                for start in range(0, len(keys), CHUNK):
+                    pipe.unlink(*keys[start : start + CHUNK])
+                for key, ttl in generations.items():
+                    pipe.incr(key)
+                    pipe.expire(key, ttl)
+                pipe.execute()
+        except BaseException:
+            self._remember(keys, generations)
+            raise
+
+
+def _remove_cached(redis) -> int:
+    removed = 0
+    for pattern in _flush_patterns():
+        batch = []
+        for key in redis.scan_iter(match=pattern, count=CHUNK):
+            batch.append(key)
+            if len(batch) >= CHUNK:
+                removed += redis.unlink(*batch)
+                batch = []
+        if batch:
+            removed += redis.unlink(*batch)
+    return removed
+
 
 guard = _RedisGuard()
 
-# Per-process hit/miss counts of get_agent, for benchmarks and operators.
+# Per-process hit/miss counts of get_agent (and removals of a server's cache, "flushes"),
+# for benchmarks and operators.
 stats: collections.Counter = collections.Counter()
 
 
@@ -161,19 +353,25 @@ def agents_store(entries: Iterable[tuple[object, int, bytes]]) -> None:
     if not entries:
         return
 
+    key = _beliefs_key_template().format
+    keys = [key(agent_id) for agent_id, _, _ in entries]
+
     def store(redis):
+        epoch = guard.epoch
+        if epoch is None:
+            return REFUSED
         script = redis.register_script(_CAS_SCRIPT)
-        key = _beliefs_key_template().format
         with redis.pipeline(transaction=False) as pipe:
             for start in range(0, len(entries), CHUNK):
-                chunk = entries[start : start + CHUNK]
-                args = [BELIEFS_TTL]
-                for _, version, value in chunk:
+                args = [BELIEFS_TTL, epoch]
+                for _, version, value in entries[start : start + CHUNK]:
                     args += [version, value]
-                script(keys=[key(agent_id) for agent_id, _, _ in chunk], args=args, client=pipe)
-            pipe.execute()
+                chunk_keys = [epoch_key(), *keys[start : start + CHUNK]]
+                script(keys=chunk_keys, args=args, client=pipe)
+            written = pipe.execute()
+        return REFUSED if -1 in written else sum(written)
 
-    guard.call(store, None)
+    guard.call(store, None, stale=keys)
 
 
 def agent_tombstone(agent_id, version: int) -> None:
@@ -185,7 +383,7 @@ def agents_forget(agent_ids: Iterable) -> None:
     read fills them from PostgreSQL."""
     keys = [beliefs_key(agent_id) for agent_id in agent_ids]
     if keys:
-        guard.call(lambda redis: redis.delete(*keys), None)
+        guard.call(lambda redis: redis.delete(*keys), None, stale=keys)
 
 
 def agent_load(agent_id) -> bytes | None:

@@ -9,6 +9,12 @@ Two forms are taken, both without access to the Redis host's disk:
   key, restored with RESTORE ... ABSTTL REPLACE, so a restore needs only a connection.
   Each key is exact, but keys written during the export may or may not be in it.
 
+Which server: BACKUP_REDIS_URL (or a restore's --redis-url) when set; else the project's
+Redis as freeagentics.redis_connection finds it, which with a Sentinel group is the server
+the sentinels name as master when the backup starts. Both forms then read that one server
+(target()), so they describe the same data; a replica may lag, or be the old master the
+sentinels have not yet reconfigured, and miss acknowledged writes.
+
 Key export format (gzip-compressed): MAGIC, then per key
     key length (u32) | key | expiry ms since epoch (i64, -1 = none) | payload length (u32)
     | payload
@@ -25,6 +31,7 @@ import redis
 from django.conf import settings
 
 from backups.exceptions import BackupError, BackupIntegrityError, ToolNotFoundError
+from freeagentics import redis_connection
 
 MAGIC = b"FAREDIS1"
 _U32 = struct.Struct(">I")
@@ -32,6 +39,25 @@ _I64 = struct.Struct(">q")
 _U64 = struct.Struct(">Q")
 END = 0xFFFFFFFF
 BATCH = 500
+
+
+def target(url: str | None) -> str:
+    """The URL of the one server a backup or restore works on: `url` if given, else the
+    project's Redis master now (asked of the sentinels with a Sentinel group). Raises
+    BackupError when there is no master (a failover under way)."""
+    if url:
+        return url
+    try:
+        return redis_connection.master_url()
+    except redis.RedisError as e:
+        raise BackupError(
+            f"Redis ({redis_connection.describe()}) has no reachable master: {e}"
+        ) from e
+
+
+def describe_target(url: str | None) -> str:
+    """describe() of target(url), without asking the sentinels."""
+    return describe(url) if url else redis_connection.describe()
 
 
 def client(url: str) -> redis.Redis:
@@ -51,6 +77,8 @@ def server_info(url: str) -> dict:
         info = r.info("server")
         return {
             "server_version": info["redis_version"],
+            "server": describe(url),
+            "role": r.info("replication")["role"],
             "db": r.connection_pool.connection_kwargs.get("db", 0),
             "keys": r.dbsize(),
         }

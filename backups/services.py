@@ -143,7 +143,7 @@ def backup_create(
         if include_postgres:
             progress.note(f"Would dump {_pg_target(alias)} with pg_dump (custom format).")
         if include_redis:
-            progress.note(f"Would snapshot Redis {redisio.describe(redis_url)}.")
+            progress.note(f"Would snapshot Redis {redisio.describe_target(redis_url)}.")
         progress.note("Would encrypt with key id " + key.key_id if key else "Would not encrypt.")
         pruned = []
         if keep or max_age:
@@ -172,6 +172,8 @@ def backup_create(
                 )
                 files.append(entry)
             if include_redis:
+                # One server for both forms: with Sentinel, the master now.
+                redis_url = redisio.target(redis_url)
                 redis_info = redisio.server_info(redis_url)
                 files.append(_export_redis_keys(redis_url, redis_info, staging, key, progress))
                 if settings.BACKUP_REDIS_RDB:
@@ -464,6 +466,7 @@ def backup_restore(
             raise ValidationError(TARGET_NOT_EMPTY.format(target=result.postgres_target))
         client = pgtools.pg_restore_client(alias, manifest.postgres["pg_dump_version"])
     if redis_entry:
+        redis_url = redisio.target(redis_url)
         result.redis_target = redisio.describe(redis_url)
         keys = redisio.dbsize(redis_url)
         if keys and not overwrite:

@@ -4,22 +4,32 @@ Membership sets use a generation counter: writers bump it on commit and delete t
 a reader fills a miss only if the generation it saw before reading PostgreSQL is still
 current. Every removal of a member, by a service or by a cascade (an agent or a tenant
 deleted), invalidates its coalition's set (coalitions.apps connects post_delete).
-Failures go through agents.cache's guard: Redis down never fails a caller.
+Failures go through agents.cache's guard: Redis down never fails a caller, and a fill
+carries the guard's epoch, so after a failover no set read before it is put back
+(agents.cache explains the epoch).
 """
 
 from collections.abc import Iterable
 
 from django.core.cache import cache
 
-from agents.cache import guard
+from agents import cache as agent_cache
 
 MEMBERS_TTL = 600
 GENERATION_TTL = 86_400
 
 _FILL_MEMBERS_SCRIPT = """
+local epoch = redis.call('GET', KEYS[3])
+if epoch ~= ARGV[3] then
+    if epoch then
+        redis.call('DEL', KEYS[1])
+        return -1
+    end
+    redis.call('SET', KEYS[3], ARGV[3])
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[1] then return 0 end
-redis.call('SADD', KEYS[1], unpack(ARGV, 3))
+redis.call('SADD', KEYS[1], unpack(ARGV, 4))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
@@ -53,7 +63,7 @@ def membership_lookup(coalition_id, agent_id, tenant_id) -> tuple[bool | None, s
             return None, generation
         return bool(member and same_tenant), generation
 
-    return guard.call(lookup, (None, ""))
+    return agent_cache.guard.call(lookup, (None, ""))
 
 
 def membership_fill(coalition_id, tenant_id, agent_ids: Iterable, generation: str) -> None:
@@ -62,13 +72,15 @@ def membership_fill(coalition_id, tenant_id, agent_ids: Iterable, generation: st
     members = [_tenant_marker(tenant_id), *(str(a) for a in agent_ids)]
 
     def fill(redis):
+        epoch = agent_cache.guard.epoch
+        if epoch is None:
+            return agent_cache.REFUSED
         script = redis.register_script(_FILL_MEMBERS_SCRIPT)
-        script(
-            keys=[members_key(coalition_id), _generation_key(coalition_id)],
-            args=[generation, MEMBERS_TTL, *members],
-        )
+        keys = [members_key(coalition_id), _generation_key(coalition_id), agent_cache.epoch_key()]
+        filled = script(keys=keys, args=[generation, MEMBERS_TTL, epoch, *members])
+        return agent_cache.REFUSED if filled == -1 else filled
 
-    guard.call(fill, None)
+    agent_cache.guard.call(fill, None)
 
 
 def membership_invalidate(coalition_ids: Iterable) -> None:
@@ -82,4 +94,11 @@ def membership_invalidate(coalition_ids: Iterable) -> None:
                 pipe.delete(members_key(coalition_id))
             pipe.execute()
 
-    guard.call(invalidate, None)
+    # Not done now, done once Redis answers: a reader that saw the old generation must
+    # not fill the set it read before this change.
+    agent_cache.guard.call(
+        invalidate,
+        None,
+        stale=[members_key(c) for c in coalition_ids],
+        generations={_generation_key(c): GENERATION_TTL for c in coalition_ids},
+    )

@@ -214,20 +214,157 @@ DATABASE_REPLICA_CHECK_SECONDS = env_float("DATABASE_REPLICA_CHECK_SECONDS", 0.5
 DATABASE_ROUTERS = ["freeagentics.replicas.ReplicaRouter"] if DATABASE_REPLICAS else []
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-REDIS_URL = required("REDIS_URL", "redis://127.0.0.1:6379/0")
-CACHES = {
-    "default": {
+# --- Redis ---
+# One server (REDIS_URL) or a Sentinel group (REDIS_SENTINELS, REDIS_SENTINEL_MASTER);
+# docs/README-sentinel.md. redis_config() is the one place that reads where Redis is: the
+# cache, both channel layers and freeagentics.redis_connection (backups, raw clients)
+# are built from what it returns.
+SENTINEL_PORT = 26379
+# What `sentinel monitor` takes as a name. Lowercase only: django-redis reads the name
+# back from a URL's host part, which urllib lowercases.
+_SENTINEL_MASTER = re.compile(r"[a-z0-9_.-]{1,64}")
+
+
+def _sentinel_addresses(raw: str) -> list[tuple[str, int]]:
+    """'s1:26379,s2,[fd00::1]:26380' -> [("s1", 26379), ("s2", 26379), ("fd00::1", 26380)]."""
+    addresses = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        host, port = item, ""
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port = rest.removeprefix(":")
+        elif item.count(":") == 1:
+            host, port = item.split(":")
+        if not host or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+            raise ImproperlyConfigured(
+                f"REDIS_SENTINELS: {item!r} is not host:port (e.g. sentinel1:26379)."
+            )
+        addresses.append((host, int(port or SENTINEL_PORT)))
+    return addresses
+
+
+def redis_config(environ, *, debug: bool) -> dict:
+    """Where the project's Redis is, from the environment `environ`.
+
+    One server: REDIS_URL (redis://, rediss:// or unix://). A Sentinel group: REDIS_SENTINELS
+    ("host:port,host:port", port 26379 by default) and REDIS_SENTINEL_MASTER, with
+    REDIS_DB (0), REDIS_PASSWORD (the servers') and REDIS_SENTINEL_PASSWORD (the
+    sentinels') optional; REDIS_URL must then be unset. Returns {"url", "sentinels",
+    "master", "db", "password", "sentinel_password"} ("url" empty with sentinels, the
+    sentinel fields empty without). Raises ImproperlyConfigured naming the variable."""
+    url = environ.get("REDIS_URL", "")
+    raw_sentinels = environ.get("REDIS_SENTINELS", "").strip()
+    master = environ.get("REDIS_SENTINEL_MASTER", "").strip()
+    config = {"url": url, "sentinels": [], "master": "", "db": 0, "password": ""}
+    config["sentinel_password"] = ""
+    if not raw_sentinels:
+        for name in ("REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_PASSWORD", "REDIS_DB"):
+            if environ.get(name):
+                raise ImproperlyConfigured(f"{name} is set but REDIS_SENTINELS is not.")
+        if not url:
+            if not debug:
+                raise ImproperlyConfigured(
+                    "REDIS_URL must be set when DEBUG is off (or REDIS_SENTINELS and "
+                    "REDIS_SENTINEL_MASTER, for a Sentinel group)."
+                )
+            config["url"] = "redis://127.0.0.1:6379/0"
+        if urlsplit(config["url"]).scheme not in {"redis", "rediss", "unix"}:
+            raise ImproperlyConfigured(
+                f"REDIS_URL must be a redis://, rediss:// or unix:// URL, got "
+                f"scheme {urlsplit(config['url']).scheme!r}."
+            )
+        return config
+    if url:
+        raise ImproperlyConfigured(
+            "REDIS_URL and REDIS_SENTINELS are both set: unset REDIS_URL to use the "
+            "Sentinel group (REDIS_DB and REDIS_PASSWORD replace its database and password)."
+        )
+    config["sentinels"] = _sentinel_addresses(raw_sentinels)
+    if not config["sentinels"]:
+        raise ImproperlyConfigured("REDIS_SENTINELS names no sentinel.")
+    if not master:
+        raise ImproperlyConfigured("REDIS_SENTINEL_MASTER must be set with REDIS_SENTINELS.")
+    if not _SENTINEL_MASTER.fullmatch(master):
+        raise ImproperlyConfigured(
+            f"REDIS_SENTINEL_MASTER must be the name the sentinels monitor, in lowercase "
+            f"letters, digits, '.', '_' or '-'; got {master!r}."
+        )
+    db = environ.get("REDIS_DB", "") or "0"
+    if not db.isdigit():
+        raise ImproperlyConfigured(f"REDIS_DB must be a database number, got {db!r}.")
+    config.update(
+        master=master,
+        db=int(db),
+        password=environ.get("REDIS_PASSWORD", ""),
+        sentinel_password=environ.get("REDIS_SENTINEL_PASSWORD", ""),
+    )
+    return config
+
+
+def redis_cache(config: dict, *, key_prefix: str) -> dict:
+    """The CACHES entry of django-redis on `config` (redis_config()): with sentinels, its
+    SentinelClient, whose pool asks the sentinels for the master on every new connection."""
+    options = {"SOCKET_CONNECT_TIMEOUT": 1, "SOCKET_TIMEOUT": 1}
+    entry = {
         "BACKEND": "django_redis.cache.RedisCache",
-        "LOCATION": REDIS_URL,
-        "KEY_PREFIX": os.environ.get("CACHE_KEY_PREFIX", ""),
+        "LOCATION": config["url"],
+        "KEY_PREFIX": key_prefix,
         "KEY_FUNCTION": "freeagentics.cache_keys.make_key",
-        "OPTIONS": {
-            "CLIENT_CLASS": "django_redis.client.DefaultClient",
-            "SOCKET_CONNECT_TIMEOUT": 1,
-            "SOCKET_TIMEOUT": 1,
-        },
+        "OPTIONS": options,
     }
-}
+    if not config["sentinels"]:
+        options["CLIENT_CLASS"] = "django_redis.client.DefaultClient"
+        return entry
+    entry["LOCATION"] = f"redis://{config['master']}/{config['db']}"
+    options.update(
+        CLIENT_CLASS="django_redis.client.SentinelClient",
+        CONNECTION_FACTORY="django_redis.pool.SentinelConnectionFactory",
+        CONNECTION_POOL_CLASS="redis.sentinel.SentinelConnectionPool",
+        SENTINELS=config["sentinels"],
+        SENTINEL_KWARGS=_sentinel_kwargs(config, timeout=1),
+    )
+    if config["password"]:
+        options["PASSWORD"] = config["password"]
+    return entry
+
+
+def redis_channel_host(config: dict, *, socket_timeout: int) -> dict:
+    """A channels-redis `hosts` entry on `config` (both layers take the same form)."""
+    if not config["sentinels"]:
+        return {"address": config["url"], "socket_timeout": socket_timeout}
+    host = {
+        "sentinels": config["sentinels"],
+        "master_name": config["master"],
+        "db": config["db"],
+        "socket_timeout": socket_timeout,
+        # Without them channels-redis asks the sentinels with no timeout at all.
+        "sentinel_kwargs": _sentinel_kwargs(config, timeout=2),
+    }
+    if config["password"]:
+        host["password"] = config["password"]
+    return host
+
+
+def _sentinel_kwargs(config: dict, *, timeout: float) -> dict:
+    kwargs = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if config["sentinel_password"]:
+        kwargs["password"] = config["sentinel_password"]
+    return kwargs
+
+
+REDIS = redis_config(os.environ, debug=DEBUG)
+# One server's URL; empty with a Sentinel group (freeagentics.redis_connection asks it).
+REDIS_URL = REDIS["url"]
+REDIS_SENTINELS = REDIS["sentinels"]
+REDIS_SENTINEL_MASTER = REDIS["master"]
+CACHES = {"default": redis_cache(REDIS, key_prefix=os.environ.get("CACHE_KEY_PREFIX", ""))}
+# After a Redis failure the cache leaves Redis alone this long (agents.cache's guard), so
+# an outage costs neither a timeout nor a log line per call. A Sentinel group refuses
+# quickly while it fails over (no master yet), so it is asked again sooner.
+REDIS_CACHE_RETRY_SECONDS = env_float("REDIS_CACHE_RETRY_SECONDS", 1.0 if REDIS_SENTINELS else 5.0)
+# --- end Redis ---
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -463,7 +600,7 @@ REALTIME_PUBLISH_BACKLOG = env_int("REALTIME_PUBLISH_BACKLOG", 10_000)
 # wait, so idle consumers crashed every ~5 s (channels_redis#422). Keep a timeout (a dead
 # connection must not hang forever), but above the 5 s blocking pop.
 _CHANNEL_HOSTS = [
-    {"address": REDIS_URL, "socket_timeout": env_int("CHANNEL_LAYER_SOCKET_TIMEOUT", 15)}
+    redis_channel_host(REDIS, socket_timeout=env_int("CHANNEL_LAYER_SOCKET_TIMEOUT", 15))
 ]
 _CHANNEL_PREFIX = os.environ.get("CHANNEL_PREFIX", "asgi")
 CHANNEL_LAYERS = {

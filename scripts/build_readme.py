@@ -19,6 +19,7 @@ ORDER = [
     "README-replicas.md",
     "README-failover.md",
     "README-pgbouncer.md",
+    "README-sentinel.md",
     "README-reliability.md",
 ]
 

@@ -637,10 +637,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ["DJANGO_SETTINGS_MODULE"] = "freeagentics.settings"
     data = var_dir()
     # Before any port: a folder in use is the reason a second copy cannot run.
+    # With a Sentinel group (REDIS_SENTINELS) settings finds the master itself, and refuses
+    # a REDIS_URL beside it: no Redis is chosen or started here.
+    sentinels = os.environ.get("REDIS_SENTINELS", "").strip()
     lock = hold_data_folder(
         data,
         postgres=not os.environ.get("DATABASE_URL"),
-        redis=not os.environ.get("REDIS_URL"),
+        redis=not (os.environ.get("REDIS_URL") or sentinels),
     )
     if not port_is_free(args.host, args.port):
         raise DevstackError(f"{args.host}:{args.port} is in use; pick another with --port")
@@ -651,12 +654,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             if not database_url:
                 port = choose_port("PostgreSQL", args.pg_port, PG_PREFERRED_PORT)
                 database_url = start_postgres(stack, data, port, DEV_DATABASE)
-            redis_url = _exported_url("Redis", "REDIS_URL", redis_answers)
-            if not redis_url:
+            redis_url = None if sentinels else _exported_url("Redis", "REDIS_URL", redis_answers)
+            if not redis_url and not sentinels:
                 port = choose_port("Redis", args.redis_port, REDIS_PREFERRED_PORT)
                 redis_url = start_redis(stack, data, port)
             os.environ["DATABASE_URL"] = database_url
-            os.environ["REDIS_URL"] = redis_url
+            if redis_url:
+                os.environ["REDIS_URL"] = redis_url
 
             manage = [sys.executable, ROOT / "manage.py"]
             stack.run_step("migrate", [*manage, "migrate", "--noinput"])
@@ -690,7 +694,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             log(f"FreeAgentics runs at http://{args.host}:{args.port}/admin/")
             log(f"  admin login: {admin_login}")
             log(f"  DATABASE_URL={redact(database_url)}")
-            log(f"  REDIS_URL={redact(redis_url)}")
+            if sentinels:
+                log(f"  REDIS_SENTINELS={sentinels}")
+            else:
+                log(f"  REDIS_URL={redact(redis_url)}")
             log("Press Ctrl-C to stop.")
             child, returncode = stack.watch()
             log(f"{child.name} exited on its own with status {returncode}")
