@@ -17,7 +17,8 @@ uvicorn's --ws-max-size does before the frame reaches us); one nesting deeper th
 WS_MAX_NESTING gets an error frame before it is parsed (deep JSON raises RecursionError
 in the parser). Replies are pure ASCII JSON, so a client's lone surrogate echoed in an
 `id` cannot break the writer. Anything else that goes wrong while handling a frame is an
-error frame with code 1011; whatever escapes a handler closes with 1011. In every case
+error frame with code 1011; whatever escapes a handler closes with 1011, except the
+channel layer losing Redis (a failover), which closes with 1013, try again later. In every case
 the connection leaves its routes and groups and drops its queues (RealtimeConsumer.__call__).
 
 A refused connection never starts a channel-layer receive: cancelling channels-redis'
@@ -41,6 +42,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from redis.exceptions import RedisError
 
 from agents.selectors import agent_tenants
 from freeagentics import replicas
@@ -60,6 +62,7 @@ from realtime.protocol import (
     CLOSE_NOT_FOUND,
     CLOSE_SERVER_ERROR,
     CLOSE_TOO_BIG,
+    CLOSE_TRY_AGAIN,
     CLOSE_UNAUTHENTICATED,
     token_group,
 )
@@ -71,6 +74,7 @@ MALFORMED_JSON = "Frame is not valid JSON."
 FRAME_TOO_BIG = "Frame larger than {limit} bytes."
 FRAME_TOO_DEEP = "Frame nests deeper than {limit} levels."
 SERVER_ERROR = "Server error; the request was not carried out."
+REDIS_LOST = "The real-time service lost its Redis; reconnect in a few seconds."
 NOT_AN_OBJECT = "Frame must be a JSON object."
 UNKNOWN_ACTION = "Unknown action {action!r}; expected one of: {allowed}."
 AGENT_IDS_INVALID = "agent_ids: must be a list of agent UUIDs."
@@ -239,6 +243,15 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             )
         except StopConsumer:
             pass
+        except RedisError as e:
+            # Sentinel promotes a replica within seconds; a reconnecting client is served.
+            problems.event(
+                "websocket channel layer lost Redis, closed with 1013",
+                "Websocket channel layer lost Redis; closing with 1013: %r",
+                e,
+            )
+            await self.teardown()
+            await self._close_quietly(CLOSE_TRY_AGAIN, REDIS_LOST)
         except Exception as e:
             problems.event(
                 "websocket consumer failed, closed with 1011",

@@ -15,6 +15,8 @@ CLOSE_NOT_FOUND = 4404
 # Standard codes: a frame over the size limit, and a server error.
 CLOSE_TOO_BIG = 1009
 CLOSE_SERVER_ERROR = 1011
+# The channel layer's Redis is gone for now (a Sentinel failover): reconnect shortly.
+CLOSE_TRY_AGAIN = 1013
 
 EVENT_CREATED = "agent.created"
 EVENT_UPDATED = "agent.updated"

@@ -40,6 +40,7 @@ from coalitions.selectors import is_coalition_member
 from coalitions.services import coalition_add_member, coalition_remove_member
 from freeagentics import redis_connection
 from freeagentics.settings import redis_cache, redis_channel_host, redis_config
+from realtime.protocol import CLOSE_TRY_AGAIN
 from realtime.services import api_token_create
 from tests import factories
 from tests.realtime.conftest import running_uvicorn
@@ -464,9 +465,10 @@ def test_websocket_clients_get_updates_again_after_a_failover_and_the_gap_is_mea
         f"closes: {dict(codes) or 'none'}"
     )
     assert max(gaps) < RECOVER_WITHIN, log[-3000:]
-    # Kept, or told: a client whose connection ended got a close frame, not a cut.
+    # Kept, or told to come back: a client whose connection ended got 1013 (try again
+    # later), not a cut nor 1011.
     for client_closes in watchers.closes:
-        assert not client_closes or client_closes[0][1] is not None, client_closes
+        assert not client_closes or client_closes[0][1] == CLOSE_TRY_AGAIN, client_closes
 
 
 def test_a_backup_after_a_failover_takes_redis_from_the_new_master(
