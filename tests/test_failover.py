@@ -306,7 +306,8 @@ def failover_with_idle_connections(cluster: Cluster, **config) -> tuple[int, lis
         dead = warm_pool(IDLE)
         cluster.primary.kill()
         cluster.standby.promote()
-        results = timed_writes(cluster.tenant, IDLE + 2)
+        # One request per dead connection, and two more that must find live ones.
+        results = timed_writes(cluster.tenant, dead + 2)
     print(f"{config.get('ENGINE')}: {dead} dead connections; requests: {results}")
     return dead, results
 

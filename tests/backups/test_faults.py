@@ -43,10 +43,13 @@ def wait_for(condition, what: str, seconds: float = 60):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def processes_matching(text: str) -> list[psutil.Process]:
+def processes_matching(*texts: str) -> list[psutil.Process]:
+    """Processes whose command line holds every one of texts. Tests pass their own
+    tmp_path too (the slow tools' path), so another test run on the machine is not seen."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
-        if any(text in part for part in proc.info["cmdline"] or []):
+        cmdline = proc.info["cmdline"] or []
+        if all(any(text in part for part in cmdline) for text in texts):
             found.append(proc)
     return found
 
@@ -124,7 +127,9 @@ def test_pg_dump_dies_with_a_killed_backup(
 ):
     proc = spawn(tmp_path, "backup", "--no-redis", SLOW_PG="300")
     try:
-        dumps = wait_for(lambda: processes_matching("--snapshot="), "pg_dump to start")
+        dumps = wait_for(
+            lambda: processes_matching("--snapshot=", str(slow_pg_bin)), "pg_dump to start"
+        )
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:
@@ -154,7 +159,9 @@ def test_killed_restore_or_drill_leaves_nothing_behind(
 
     proc = spawn(tmp_path, *args, SLOW_PG="300")
     try:
-        restores = wait_for(lambda: processes_matching("--dbname=fa_scratch_"), "pg_restore")
+        restores = wait_for(
+            lambda: processes_matching("--dbname=fa_scratch_", str(slow_pg_bin)), "pg_restore"
+        )
         scratch = scratch_names()
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
