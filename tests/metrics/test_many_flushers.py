@@ -7,12 +7,14 @@ of its own, so InfluxDB's count equals N only if every point arrived, and a poin
 twice (a killed flusher's batch, shipped again by another) overwrites itself instead of
 adding one; test_a_resent_point_overwrites_itself_in_influxdb shows that."""
 
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import psutil
 import pytest
@@ -21,7 +23,6 @@ from django.db import connection
 
 from metrics.services import outbox_add
 from tests.processes import stop_process
-from tests.realtime.helpers import server_env
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -44,18 +45,22 @@ def lines(count: int, *, first: int = 0, offset_ns: int = 0) -> list[str]:
 
 
 def flusher_env(database: str) -> dict:
-    return server_env(
-        {
-            "INFLUXDB_URL": settings.INFLUXDB_URL,
-            "INFLUXDB_API": "v1",
-            "INFLUXDB_TOKEN": "",
-            "INFLUXDB_DATABASE": database,
-            "INFLUXDB_RETENTION_POLICY": "",
-            "INFLUXDB_QUERY_LANGUAGE": "influxql",
-            "METRICS_FLUSH_BACKOFF_BASE_MS": "10",
-            "METRICS_FLUSH_BACKOFF_MAX_MS": "100",
-        }
-    )
+    db = settings.DATABASES["default"]
+    credentials = quote(db["USER"]) + (f":{quote(db['PASSWORD'])}" if db["PASSWORD"] else "")
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DATABASE_URL": f"postgres://{credentials}@{db['HOST']}:{db['PORT'] or 5432}/{db['NAME']}",
+        "REDIS_URL": settings.REDIS_URL,
+        "INFLUXDB_URL": settings.INFLUXDB_URL,
+        "INFLUXDB_API": "v1",
+        "INFLUXDB_TOKEN": "",
+        "INFLUXDB_DATABASE": database,
+        "INFLUXDB_RETENTION_POLICY": "",
+        "INFLUXDB_QUERY_LANGUAGE": "influxql",
+        "METRICS_FLUSH_BACKOFF_BASE_MS": "10",
+        "METRICS_FLUSH_BACKOFF_MAX_MS": "100",
+    }
 
 
 def start_flushers(database: str, *options: str, count: int = FLUSHERS) -> list[subprocess.Popen]:
