@@ -90,3 +90,20 @@ def connected_master(client: redis.Redis) -> Address | None:
     holder = getattr(pool, "proxy", pool)
     address = getattr(holder, "master_address", None)
     return None if address is None else (address[0], int(address[1]))
+
+
+def async_client(**options) -> "redis.asyncio.Redis":
+    """The asyncio twin of client(): follows the master through the sentinels (each new
+    connection asks them) or connects to REDIS_URL's server."""
+    from redis.asyncio import Redis
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+    if not uses_sentinel():
+        return Redis.from_url(settings.REDIS_URL, **options)
+    config = settings.REDIS
+    sentinel_kwargs = {"socket_timeout": 2, "socket_connect_timeout": 2}
+    if config["sentinel_password"]:
+        sentinel_kwargs["password"] = config["sentinel_password"]
+    servers = {"password": config["password"]} if config["password"] else {}
+    group = AsyncSentinel(config["sentinels"], sentinel_kwargs=sentinel_kwargs, **servers)
+    return group.master_for(settings.REDIS_SENTINEL_MASTER, db=config["db"], **options)

@@ -613,16 +613,19 @@ CHANNEL_LAYERS = {
             "group_expiry": 3 * WS_GROUP_REFRESH_SECONDS,
         },
     },
-    # Agent update batches travel on channels-redis' pub/sub layer: one PUBLISH per
-    # batch, pushed to the subscribed server processes. Pub/sub ignores the Redis
-    # database number, so deployments sharing a Redis server need distinct CHANNEL_PREFIX.
-    "realtime": {
-        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-        "CONFIG": {"hosts": _CHANNEL_HOSTS, "prefix": _CHANNEL_PREFIX + ".realtime."},
-    },
 }
-# "default" sends them through the core layer instead (measured in BENCH-realtime.md).
-REALTIME_CHANNEL_LAYER = os.environ.get("REALTIME_CHANNEL_LAYER", "realtime")
+# Agent updates do not travel on a channel layer: each tenant's batches are appended to
+# a Redis Stream that every server process reads (realtime.history). Its retention, as
+# entries (one per committed batch of at most REALTIME_PUBLISH_CHUNK updates) and as age:
+# a client can resume a stream it left within both.
+REALTIME_HISTORY_MAX_ENTRIES = env_int("REALTIME_HISTORY_MAX_ENTRIES", 10_000)
+REALTIME_HISTORY_SECONDS = env_int("REALTIME_HISTORY_SECONDS", 300)
+# A stream nobody appends to expires after this (its counter with it).
+REALTIME_HISTORY_IDLE_SECONDS = env_int("REALTIME_HISTORY_IDLE_SECONDS", 86_400)
+# How long a hub's read of the streams blocks in Redis before it asks again.
+REALTIME_READ_BLOCK_MS = env_int("REALTIME_READ_BLOCK_MS", 5_000)
+# Entries one replay read fetches; a resuming connection is paced by its queue.
+REALTIME_REPLAY_BATCH = env_int("REALTIME_REPLAY_BATCH", 50)
 # --- end Realtime ---
 
 # --- Monitoring (README "Monitoring") ---

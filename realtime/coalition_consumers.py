@@ -31,4 +31,4 @@ class CoalitionConsumer(RealtimeConsumer):
         await self.join_group(coalition_group(coalition_id))
 
     async def realtime_frame(self, event):
-        self.push("", event["frame"])
+        self.enqueue("", event["frame"])

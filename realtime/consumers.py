@@ -44,6 +44,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from redis.exceptions import RedisError
 
+from agents.beliefs import belief_shape
 from agents.selectors import agent_tenants
 from freeagentics import replicas
 from freeagentics.telemetry import (
@@ -53,8 +54,9 @@ from freeagentics.telemetry import (
     WS_FRAMES_SENT,
     WS_OVERFLOW_NOTICES,
 )
+from realtime import history
 from realtime.auth import SERVER_SEND, SUBPROTOCOL, Principal, query_param
-from realtime.hub import FULL_BELIEFS, SHAPE_ONLY, STATISTICS, Routes, hub
+from realtime.hub import FULL_BELIEFS, SHAPE_ONLY, STATISTICS, Routes, frame_for, hub, numbered
 from realtime.logs import problems, refusals
 from realtime.protocol import (
     CLOSE_BAD_REQUEST,
@@ -64,9 +66,11 @@ from realtime.protocol import (
     CLOSE_TOO_BIG,
     CLOSE_TRY_AGAIN,
     CLOSE_UNAUTHENTICATED,
+    agent_data,
+    dumps,
     token_group,
 )
-from realtime.selectors import api_tokens_active
+from realtime.selectors import api_tokens_active, snapshot_states
 
 # Error frames ({"type": "error", "code", "message", "id"}) and close reasons.
 BINARY_FRAME = "Binary frames are not supported; send JSON text."
@@ -88,6 +92,8 @@ AGENTS_NOT_FOUND = "agent_ids: {count} agent(s) not found: {ids}."
 AGENT_NOT_FOUND = "No agent {agent_id}."
 BELIEFS_FORBIDDEN = "include_beliefs: this credential may not read full beliefs."
 TOKEN_REVOKED = "API token revoked."
+RESUME_INVALID = "resume_after: must be a sequence number (an integer of 0 or more)."
+RESUME_TOO_OLD = "The updates after {seq} are no longer in the stream's history; load a snapshot."
 UNKNOWN_PATH = "No websocket endpoint at {path}."
 
 # Replies are few; a client that sends requests without reading them loses the oldest.
@@ -208,6 +214,12 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self._committed: deque[float | None] = deque(maxlen=self._updates.maxlen)
         self._latest: dict[str, str] | None = None
         self._dropped = 0
+        # Number of the last update queued; frames at or below it are duplicates.
+        self.last_seq = 0
+        # While a resume replays the history, the hub's live frames are not queued: the
+        # replay reads them from the stream too, then hands over (AgentConsumer._catch_up).
+        self._replaying = False
+        self._drained = asyncio.Event()
         self._wake = asyncio.Event()
         self._writer: asyncio.Task | None = None
         self._closing: asyncio.Task | None = None
@@ -393,9 +405,13 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     def belief_access(self, agent_id: str) -> int:
         return SHAPE_ONLY
 
-    def push(self, agent_id: str, frame: str, committed: float | None = None) -> None:
-        if self._done:
+    def push(self, agent_id: str, frame: str, committed: float | None, seq: int) -> None:
+        if self._done or self._replaying or seq <= self.last_seq:
             return
+        self.last_seq = seq
+        self.enqueue(agent_id, frame, committed)
+
+    def enqueue(self, agent_id: str, frame: str, committed: float | None = None) -> None:
         if self._latest is not None:
             self._latest[agent_id] = frame
             return
@@ -405,6 +421,18 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self._updates.append(frame)
         self._committed.append(committed)
         self._wake.set()
+
+    def resync(self, seq: int, reason: str) -> None:
+        """Tell the client its stream has a gap: it loads a snapshot (README)."""
+        frame = dumps_ascii({"type": "resync", "seq": seq, "reason": reason})
+        self.last_seq = max(self.last_seq, seq)
+        if self._latest is not None:
+            # What is conflated predates the gap; the snapshot replaces it.
+            self._latest.clear()
+            self._control.append(frame)
+            self._wake.set()
+        else:
+            self.enqueue("", frame)
 
     def reply(self, content: dict, request: dict | None = None) -> None:
         if request is not None and "id" in request:
@@ -454,12 +482,18 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                     WS_FRAMES_SENT.inc()
                     sent += 1
                     if sent % FRAMES_PER_TURN == 0:
+                        self._drained.set()
                         await asyncio.sleep(0)
+                self._drained.set()
                 if deadline is not None and loop.time() >= deadline:
                     deadline = loop.time() + self.conflate
                     if self._latest:
                         frames, self._latest = list(self._latest.values()), {}
-                        text = '{"type":"conflated","messages":[' + ",".join(frames) + "]}"
+                        text = (
+                            f'{{"type":"conflated","seq":{self.last_seq},"messages":['
+                            + ",".join(frames)
+                            + "]}"
+                        )
                         await send({"type": "websocket.send", "text": text})
                         WS_FRAMES_SENT.inc()
         except asyncio.CancelledError:
@@ -524,11 +558,20 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.reply({"type": "pong", "timestamp": time.time()}, content)
 
 
+def parse_resume_after(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if not value.isascii() or not value.isdigit() or len(value) > 20:
+        raise ValidationError(RESUME_INVALID, code=CLOSE_BAD_REQUEST)
+    return int(value)
+
+
 class AgentConsumer(RealtimeConsumer):
     """/ws/agents/ streams every agent of the tenant; /ws/agents/<agent_id>/ one agent.
-    Either can subscribe and unsubscribe in band. Query: include_beliefs=1, conflate=<ms>."""
+    Either can subscribe and unsubscribe in band, and ask for a snapshot. Query:
+    include_beliefs=1, conflate=<ms>, resume_after=<seq>."""
 
-    actions = ("ping", "subscribe", "unsubscribe")
+    actions = ("ping", "subscribe", "unsubscribe", "snapshot")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -537,6 +580,10 @@ class AgentConsumer(RealtimeConsumer):
         self.all = False
         self.all_beliefs = False
         self.agents: dict[str, bool] = {}
+        self._replay: asyncio.Task | None = None
+
+    def watches(self, agent_id: str) -> bool:
+        return self.all or agent_id in self.agents
 
     def belief_access(self, agent_id: str) -> int:
         if not self.principal.can_read_beliefs:
@@ -549,6 +596,7 @@ class AgentConsumer(RealtimeConsumer):
         try:
             beliefs = parse_flag(query_param(self.scope, "include_beliefs"), "include_beliefs")
             self.conflate = parse_conflate(query_param(self.scope, "conflate"))
+            resume_after = parse_resume_after(query_param(self.scope, "resume_after"))
         except ValidationError as e:
             raise Refusal(CLOSE_BAD_REQUEST, e.messages[0]) from None
         if beliefs and not self.principal.can_read_beliefs:
@@ -565,6 +613,99 @@ class AgentConsumer(RealtimeConsumer):
             self._watch_all(beliefs)
         else:
             self._watch_agents([agent_id], beliefs)
+        if resume_after is None:
+            self.last_seq = self.routes.last_seq or 0
+        else:
+            self._replaying = True
+            self._replay = asyncio.ensure_future(self._catch_up(resume_after))
+
+    async def _catch_up(self, after: int) -> None:
+        """Queue the updates after `after` from the stream's history, paced by the
+        connection's queue, then hand over to the live frames where the hub's position
+        is reached: what the hub routed meanwhile is read from the stream too, so the
+        hand-over has no gap and no duplicate."""
+        routes, redis = self.routes, hub().redis
+        cursor, replayed = after, 0
+        try:
+            while routes is self.routes:
+                entries = await history.entries_after(
+                    redis, self.tenant_id, cursor, settings.REALTIME_REPLAY_BATCH
+                )
+                if not entries:
+                    # Nothing after it, yet the stream is further on: trimmed, or unknown.
+                    if await history.tip(redis, self.tenant_id) not in (None, cursor):
+                        return self._resync_live(RESUME_TOO_OLD.format(seq=after))
+                    break
+                for entry in entries:
+                    if not entry.follows(cursor):
+                        return self._resync_live(RESUME_TOO_OLD.format(seq=after))
+                    replayed += self._replay_entry(entry, cursor)
+                    cursor = entry.last
+                if routes.last_seq is None or cursor >= routes.last_seq:
+                    break
+                await self._room()
+        except RedisError as e:
+            problems.event(
+                "websocket replay lost Redis, closed with 1013",
+                "Websocket replay lost Redis; closing with 1013: %r",
+                e,
+            )
+            self._closing = asyncio.ensure_future(self.close_with(CLOSE_TRY_AGAIN, REDIS_LOST))
+            return
+        if routes is not self.routes:
+            return
+        # No await from the check above: the hub routes nothing in between.
+        self._replaying = False
+        self.last_seq = max(cursor, self.last_seq)
+        self._in_order({"type": "ready", "seq": self.last_seq, "replayed": replayed})
+
+    def _replay_entry(self, entry: history.Entry, cursor: int) -> int:
+        seq, queued = entry.first, 0
+        for agent_id, frame, token in zip(entry.agents, entry.frames, entry.tokens, strict=True):
+            if seq > cursor and self.watches(agent_id):
+                self.last_seq = seq
+                self.enqueue(agent_id, frame_for(self, agent_id, numbered(frame, seq), token))
+                queued += 1
+            seq += 1
+        return queued
+
+    async def _room(self) -> None:
+        # Replay waits while the queue is half full: it never overflows the queue.
+        while self._latest is None and len(self._updates) > self._updates.maxlen // 2:
+            self._drained.clear()
+            await self._drained.wait()
+
+    def _resync_live(self, reason: str) -> None:
+        self._replaying = False
+        self.resync(self.routes.last_seq or 0, reason)
+
+    def _in_order(self, content: dict) -> None:
+        """A reply queued behind the update frames (the control queue goes first)."""
+        if self._latest is None:
+            self.enqueue("", dumps_ascii(content))
+        else:
+            self.reply(content)
+
+    async def action_snapshot(self, content):
+        """Every watched agent's current state, and the number of the last update it
+        includes: the client applies the frames numbered above it (README)."""
+        # Read before the database: every update numbered up to seq was committed by then.
+        seq = await history.tip(hub().redis, self.tenant_id) or 0
+        ids = None if self.all else list(self.agents)
+        with replicas.primary():
+            states = await database_sync_to_async(snapshot_states)(self.principal.tenant_id, ids)
+        agents = []
+        for state, token in states:
+            agent_id = str(state.id)
+            data = agent_data(state)
+            data["belief_summary"] = belief_shape(state.beliefs)
+            frame = dumps({"agent_id": agent_id, "data": data})
+            agents.append(frame_for(self, agent_id, frame, token))
+        reply = {"type": "snapshot", "seq": seq}
+        if "id" in content:
+            reply["id"] = content["id"]
+        self._control.append(dumps_ascii(reply)[:-1] + ',"agents":[' + ",".join(agents) + "]}")
+        self._wake.set()
 
     async def _path_agent(self, path_id: str) -> str:
         try:
@@ -586,6 +727,8 @@ class AgentConsumer(RealtimeConsumer):
             self.routes.add_agent(agent_id, self)
 
     async def close_routes(self) -> None:
+        if self._replay is not None and self._replay is not asyncio.current_task():
+            self._replay.cancel()
         if self.routes is None:
             return
         for agent_id in self.agents:

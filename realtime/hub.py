@@ -1,9 +1,12 @@
 """Fan-out of real-time updates to the websocket connections of one server process.
 
-In each server process one Hub is the only member of the tenant groups its connections
-need. It holds the per-agent groups (`agent.<agent_id>`) in process and appends the same
-pre-built frame to the bounded queue of every connection that watches the agent or the
-whole tenant; it never waits on a connection.
+In each server process one Hub follows the streams (realtime.history) of the tenants its
+connections watch, with one blocking XREAD for all of them. It holds the per-agent groups
+(`agent.<agent_id>`) in process and appends the same pre-built frame, numbered, to the
+bounded queue of every connection that watches the agent or the whole tenant; it never
+waits on a connection. Where a stream shows a gap (entries trimmed before the hub read
+them, a Redis that lost its data, a publisher that dropped a batch), the tenant's
+connections get `resync`.
 
 Exact belief statistics are values of the array (min, max and mean give back any array
 of up to three elements), so the hub computes them from the token at send time, and
@@ -22,14 +25,18 @@ import weakref
 from typing import Protocol
 
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
 from django.conf import settings
+from redis.exceptions import RedisError
 
 from agents.beliefs import belief_summary
 from agents.encryption import decrypt_array
 from agents.exceptions import BeliefStateError
+from realtime import history
 from realtime.logs import problems
-from realtime.protocol import BATCH, BELIEFS_LABEL, dumps, tenant_group
+from realtime.protocol import BELIEFS_LABEL, dumps
+
+# Why a connection is told to resync (the `reason` of the frame).
+HISTORY_GAP = "Updates were lost from the stream's history; load a snapshot."
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +46,9 @@ class Connection(Protocol):
 
     token_id: uuid.UUID | None
 
-    def push(self, agent_id: str, frame: str, committed: float | None = None) -> None: ...
+    def push(self, agent_id: str, frame: str, committed: float | None, seq: int) -> None: ...
+
+    def resync(self, seq: int, reason: str) -> None: ...
 
     def belief_access(self, agent_id: str) -> int:
         """SHAPE_ONLY, STATISTICS or FULL_BELIEFS for this agent's frames."""
@@ -72,16 +81,31 @@ def _with_beliefs(agent_id: str, frame: str, token: bytes, access: int) -> str:
     return dumps(message)
 
 
+def numbered(frame: str, seq: int) -> str:
+    # Every frame is a JSON object built by protocol.dumps: "{" then its members.
+    return f'{{"seq":{seq},{frame[1:]}'
+
+
+def frame_for(conn: Connection, agent_id: str, frame: str, token: bytes | None) -> str:
+    """The frame as this connection may see it (belief statistics or arrays added)."""
+    if token is None:
+        return frame
+    access = conn.belief_access(agent_id)
+    return frame if access == SHAPE_ONLY else _with_beliefs(agent_id, frame, token, access)
+
+
 class Routes:
     """The connections of one process that watch one tenant: the whole stream, or
-    single agents (the agents' groups)."""
+    single agents (the agents' groups); and the number of the last update routed
+    (None until the tenant has a stream)."""
 
-    __slots__ = ("agents", "conns", "stream")
+    __slots__ = ("agents", "conns", "last_seq", "stream")
 
-    def __init__(self):
+    def __init__(self, last_seq: int | None):
         self.conns: set[Connection] = set()
         self.stream: set[Connection] = set()
         self.agents: dict[str, set[Connection]] = {}
+        self.last_seq = last_seq
 
     def add_agent(self, agent_id: str, conn: Connection) -> None:
         self.agents.setdefault(agent_id, set()).add(conn)
@@ -94,7 +118,7 @@ class Routes:
                 del self.agents[agent_id]
 
     def deliver(
-        self, agent_id: str, frame: str, token: bytes | None, committed: float | None = None
+        self, agent_id: str, frame: str, token: bytes | None, committed: float | None, seq: int
     ) -> None:
         watchers = self.agents.get(agent_id)
         if watchers:
@@ -103,9 +127,10 @@ class Routes:
             targets = self.stream
         else:
             return
+        frame = numbered(frame, seq)
         if token is None:
             for conn in targets:
-                conn.push(agent_id, frame, committed)
+                conn.push(agent_id, frame, committed, seq)
             return
         # Built at most once per access level, however many connections share it.
         frames = {SHAPE_ONLY: frame}
@@ -114,28 +139,46 @@ class Routes:
             built = frames.get(access)
             if built is None:
                 built = frames[access] = _with_beliefs(agent_id, frame, token, access)
-            conn.push(agent_id, built, committed)
+            conn.push(agent_id, built, committed, seq)
+
+    def route(self, entry: history.Entry) -> None:
+        """Deliver a stream entry; resync every connection first if entries before it
+        are missing."""
+        if self.last_seq is not None and entry.previous != self.last_seq:
+            problems.event(
+                "realtime stream gap, connections resynced",
+                "Real-time stream has a gap after %s; resyncing %d connection(s)",
+                self.last_seq,
+                len(self.conns),
+            )
+            for conn in self.conns:
+                conn.resync(entry.first - 1, HISTORY_GAP)
+        seq = entry.first
+        for agent_id, frame, token in zip(entry.agents, entry.frames, entry.tokens, strict=True):
+            self.deliver(agent_id, frame, token, entry.timestamp, seq)
+            seq += 1
+        self.last_seq = entry.last
 
 
 class Hub:
-    """One per event loop (so per server process). Joins the tenant groups its
-    connections need, routes each batch to them, and does per-process upkeep: re-checks
-    API tokens (a backstop to the revocation notice) and renews group memberships
-    before channels-redis expires them.
+    """One per event loop (so per server process). Follows the streams of the tenants
+    its connections watch, routes each entry to them, and does per-process upkeep:
+    re-checks API tokens (a backstop to the revocation notice) and renews the
+    connections' group memberships before channels-redis expires them.
 
     `layer_slots` bounds the process's concurrent channel-layer group operations of
     consumers: hundreds of sockets closing at once (a restart, a network blip) would
     otherwise ask redis-py's pool for more connections than it has ("Too many
     connections") and leave stale members behind."""
 
-    def __init__(self, layer):
-        self.layer = layer
-        self.channel: str | None = None
+    def __init__(self):
+        self.redis = history.client()
         self.tenants: dict[str, Routes] = {}
         self.connections: set[Connection] = set()
         self.layer_slots = asyncio.Semaphore(max(1, settings.WS_GROUP_OPS_CONCURRENCY))
         self._lock = asyncio.Lock()
-        self._receiver: asyncio.Task | None = None
+        self._reader: asyncio.Task | None = None
+        self._wake = (history.wake_key(uuid.uuid4().hex), "0-0")
         self._upkeep: asyncio.Task | None = None
 
     async def join(self, conn: Connection) -> None:
@@ -150,19 +193,18 @@ class Hub:
             self._upkeep = None
 
     async def watch(self, tenant_id: str, conn: Connection) -> Routes:
-        """The tenant's routes, with this process in the tenant's group before it returns,
+        """The tenant's routes, positioned at the stream's last update before it returns,
         so an update committed after this call reaches the connection."""
         async with self._lock:
             routes = self.tenants.get(tenant_id)
             if routes is None:
-                if self.channel is None:
-                    # The default prefix: the core layer reads every process-local channel
-                    # through one blocking pop on "specific.<process>!", and no other.
-                    self.channel = await self.layer.new_channel()
-                await self.layer.group_add(tenant_group(tenant_id), self.channel)
-                routes = self.tenants[tenant_id] = Routes()
-                if self._receiver is None:
-                    self._receiver = asyncio.ensure_future(self._receive_loop())
+                tip = await history.tip(self.redis, tenant_id)
+                routes = self.tenants[tenant_id] = Routes(tip)
+                if self._reader is None:
+                    self._reader = asyncio.ensure_future(self._read_loop())
+                else:
+                    # The blocked read does not follow this stream yet.
+                    await history.wake_up(self.redis, self._wake[0])
             routes.conns.add(conn)
             return routes
 
@@ -177,44 +219,45 @@ class Hub:
             if routes.conns:
                 return
             del self.tenants[tenant_id]
-            await self.layer.group_discard(tenant_group(tenant_id), self.channel)
-            if not self.tenants and self._receiver is not None:
-                # Cancelling a receive gives the channel up (the pub/sub layer
-                # unsubscribes it), so the next watch starts with a new one.
-                self._receiver.cancel()
-                self._receiver = self.channel = None
+            if not self.tenants and self._reader is not None:
+                self._reader.cancel()
+                self._reader = None
 
-    def route(self, message: dict) -> None:
-        routes = self.tenants.get(message["tenant"])
-        if routes is None:
-            return
-        committed = message.get("timestamp")
-        for agent_id, frame, token in zip(
-            message["agents"], message["frames"], message["tokens"], strict=True
-        ):
-            routes.deliver(agent_id, frame, token, committed)
-
-    async def _receive_loop(self) -> None:
+    async def _read_loop(self) -> None:
         failing = False
         while True:
+            cursors = {t: r.last_seq or 0 for t, r in self.tenants.items()}
             try:
-                message = await self.layer.receive(self.channel)
+                answer, wake_id = await history.read(
+                    self.redis,
+                    cursors,
+                    self._wake,
+                    settings.REALTIME_READ_BLOCK_MS,
+                    settings.REALTIME_REPLAY_BATCH,
+                )
             except asyncio.CancelledError:
                 raise
-            except Exception as e:
+            except (RedisError, OSError) as e:
+                # Positions are kept: the next read resumes where this one stopped, and a
+                # gap it finds (Redis lost entries meanwhile) resyncs the connections.
                 failing = True
                 problems.event(
-                    "realtime hub channel-layer reads failed",
-                    "Real-time hub cannot read the channel layer; retrying: %s",
+                    "realtime hub stream reads failed",
+                    "Real-time hub cannot read the streams; retrying: %s",
                     e,
                 )
                 await asyncio.sleep(1)
                 continue
             if failing:
                 failing = False
-                logger.warning("Real-time hub reads the channel layer again")
-            if message.get("type") == BATCH:
-                self.route(message)
+                logger.warning("Real-time hub reads the streams again")
+            self._wake = (self._wake[0], wake_id)
+            for tenant_id, entries in answer:
+                routes = self.tenants.get(tenant_id)
+                if routes is None:
+                    continue
+                for entry in entries:
+                    routes.route(entry)
 
     async def _upkeep_loop(self) -> None:
         # Each task on its own period: refreshing only on the token re-check's rounds let
@@ -260,9 +303,6 @@ class Hub:
                     conn.revoke()
 
     async def _refresh_groups(self) -> None:
-        async with self._lock:
-            for tenant_id in self.tenants:
-                await self.layer.group_add(tenant_group(tenant_id), self.channel)
         for conn in list(self.connections):
             await conn.refresh_groups()
 
@@ -275,5 +315,5 @@ def hub() -> Hub:
     loop = asyncio.get_running_loop()
     current = _hubs.get(loop)
     if current is None:
-        current = _hubs[loop] = Hub(get_channel_layer(settings.REALTIME_CHANNEL_LAYER))
+        current = _hubs[loop] = Hub()
     return current

@@ -7,12 +7,12 @@ waits on Redis. That thread builds each message's JSON once and sends ONE messag
 batch (chunked at REALTIME_PUBLISH_CHUNK) to the tenant's group `agents.<tenant_id>`,
 however many agents the batch holds and however many clients watch.
 
-Transport. Batches travel on the REALTIME_CHANNEL_LAYER alias: by default channels-redis'
-pub/sub layer (one PUBLISH per batch, pushed to subscribed hubs), else the core layer
-(four round trips per group_send, and a blocking pop plus bookkeeping per message on
-the receiving side). Per-agent channel-layer groups would cost ~8,000 round trips per
-1,000 updates. Coalition events and revocation notices, which reach consumers' own
-channels, use the default layer. Measured in docs/BENCH-realtime.md.
+Transport. Batches are appended to the tenant's stream in Redis (realtime.history),
+which numbers them; each server process's Hub reads the streams it needs, and a
+resuming connection replays from the same stream. One script call per batch (chunked
+at REALTIME_PUBLISH_CHUNK), however many agents it holds and however many clients
+watch. Coalition events and revocation notices, which reach consumers' own channels,
+use the default channel layer. Measured in docs/BENCH-realtime.md.
 
 Beliefs never cross Redis in clear, nor does anything computed from their values: a
 message carries the same token PostgreSQL stores and the array's shape, dtype and size
@@ -38,6 +38,7 @@ from agents.beliefs import belief_shape
 from agents.encryption import encrypt_array
 from agents.types import AgentState
 from freeagentics.telemetry import PUBLISHER_BACKLOG
+from realtime import history
 from realtime.logs import problems
 from realtime.protocol import (
     BATCH,
@@ -161,7 +162,8 @@ class Publisher:
     [(group, message)]; building runs here, off the writer's path. Queued batches for
     the same tenant merge into one message. A Redis failure drops the messages (the
     writes they announce are already committed); failures and drops are counted in
-    the log (SummaryLog), and recovery is logged.
+    the log (SummaryLog), and recovery is logged. A dropped batch is announced: the
+    tenant's next entry is marked as following a gap, and readers resync (history).
     """
 
     def __init__(self):
@@ -171,12 +173,20 @@ class Publisher:
         self._queue: asyncio.Queue | None = None
         self._backlog = 0
         self._failing = False
+        # Tenants whose batches were dropped: their next entry announces the gap. Jobs
+        # dropped unbuilt (backlog full) count for every tenant: _drops against
+        # _announced[tenant].
+        self._lost: set[str] = set()
+        self._drops = 0
+        self._announced: dict[str, int] = {}
 
     def submit(self, job: Callable[[], list]) -> None:
         loop = self._started()
         with self._lock:
             full = self._backlog >= settings.REALTIME_PUBLISH_BACKLOG
-            if not full:
+            if full:
+                self._drops += 1
+            else:
                 self._backlog += 1
         if full:
             # Redis is stuck: bound memory, as channels-redis bounds its own queues.
@@ -222,24 +232,25 @@ class Publisher:
         loop.run_until_complete(self._main())
 
     async def _main(self) -> None:
-        # Layers of its own: the shared ones belong to the server's event loop.
-        layers = {
-            BATCH: channel_layers.make_backend(settings.REALTIME_CHANNEL_LAYER),
-            None: channel_layers.make_backend(DEFAULT_CHANNEL_LAYER),
-        }
+        # A layer and a Redis client of its own: the shared ones belong to the server's loop.
+        layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
+        appender = history.Appender()
         while True:
             jobs = [await self._queue.get()]
             while not self._queue.empty():
                 jobs.append(self._queue.get_nowait())
             try:
-                await self._send(layers, jobs)
+                await self._send(layer, appender, jobs)
             finally:
                 with self._lock:
                     self._backlog -= len(jobs)
                 for _ in jobs:
                     self._queue.task_done()
 
-    async def _send(self, layers: dict, jobs: list) -> None:
+    def _gap(self, tenant: str) -> bool:
+        return tenant in self._lost or self._announced.get(tenant, 0) != self._drops
+
+    async def _send(self, layer, appender: history.Appender, jobs: list) -> None:
         outgoing: list[tuple[str, dict]] = []
         open_batches: dict[str, dict] = {}
         chunk = settings.REALTIME_PUBLISH_CHUNK
@@ -264,11 +275,27 @@ class Publisher:
                 if message["type"] == BATCH:
                     open_batches[group] = message
         for group, message in outgoing:
-            layer = layers[BATCH] if message["type"] == BATCH else layers[None]
             try:
-                await layer.group_send(group, message)
+                if message["type"] == BATCH:
+                    await appender.append(
+                        message["tenant"],
+                        history.pack(
+                            message["agents"],
+                            message["frames"],
+                            message["tokens"],
+                            message["timestamp"],
+                        ),
+                        len(message["agents"]),
+                        gap=self._gap(message["tenant"]),
+                    )
+                    self._lost.discard(message["tenant"])
+                    self._announced[message["tenant"]] = self._drops
+                else:
+                    await layer.group_send(group, message)
             except Exception as e:
                 self._failing = True
+                if message["type"] == BATCH:
+                    self._lost.add(message["tenant"])
                 problems.event(
                     "realtime publish failed, messages dropped",
                     "Real-time publish failed; dropping updates until it works: %s",

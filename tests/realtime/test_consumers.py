@@ -508,8 +508,8 @@ async def test_conflated_stream_sends_latest_state_per_agent(tenant, token):
 def test_conflation_keeps_only_the_latest_frame_per_agent():
     consumer = AgentConsumer()
     consumer._latest = {}
-    for frame in ("a1", "b1", "a2"):
-        consumer.push(frame[0], frame)
+    for seq, frame in enumerate(("a1", "b1", "a2"), start=1):
+        consumer.push(frame[0], frame, None, seq)
     assert consumer._latest == {"a": "a2", "b": "b1"}
 
 
@@ -517,7 +517,7 @@ def test_full_queue_drops_the_oldest_frames_and_announces_how_many(settings):
     settings.WS_QUEUE_SIZE = 3
     consumer = AgentConsumer()
     for n in range(5):
-        consumer.push("a", f"frame-{n}")
+        consumer.push("a", f"frame-{n}", None, n + 1)
     sent = [consumer._next_update() for _ in range(4)]
     assert json.loads(sent[0]) == {"type": "overflow", "dropped": 2}
     assert sent[1:] == ["frame-2", "frame-3", "frame-4"]

@@ -4,9 +4,8 @@ URLs, hundreds of sockets closing at once, a stalled Redis behind the publisher,
 channel-group memberships that must outlive channels-redis' group_expiry.
 
 What the server holds is read from outside: its RSS (psutil), its own Redis connections
-(psutil's view of its sockets, matched against Redis' CLIENT LIST, whose `sub` field
-counts each connection's pub/sub subscriptions: the hub's tenant groups and channel) and
-the channel layer's group sets in Redis."""
+(psutil's view of its sockets, matched against Redis' CLIENT LIST, which shows the hub's
+connection blocked reading the streams) and the channel layer's group sets in Redis."""
 
 import asyncio
 import json
@@ -38,7 +37,7 @@ from realtime.consumers import (
     TOO_MANY_SUBSCRIPTIONS,
 )
 from realtime.logs import problems
-from realtime.protocol import CLOSE_BAD_REQUEST, CLOSE_TOO_BIG, tenant_group, token_group
+from realtime.protocol import CLOSE_BAD_REQUEST, CLOSE_TOO_BIG, token_group
 from realtime.publisher import Publisher
 from tests import factories
 from tests.realtime import helpers
@@ -79,13 +78,14 @@ def redis_ports(pid: int) -> set[int]:
     }
 
 
-def subscriptions(r: redis.Redis, pid: int) -> int:
-    """Pub/sub subscriptions the process holds in Redis (CLIENT LIST `sub` + `psub`)."""
+def stream_reads(r: redis.Redis, pid: int) -> int:
+    """The process's connections blocked in Redis reading the streams (the hub's XREAD:
+    CLIENT LIST flag `b`, last command xread)."""
     ports = redis_ports(pid)
     return sum(
-        int(c["sub"]) + int(c.get("psub", 0))
+        1
         for c in r.client_list()
-        if int(c["addr"].rsplit(":", 1)[1]) in ports
+        if int(c["addr"].rsplit(":", 1)[1]) in ports and "b" in c["flags"] and c["cmd"] == "xread"
     )
 
 
@@ -164,8 +164,8 @@ async def test_a_thousand_hostile_connections_leave_no_residue(start_server, ten
     async with client(f"{server.url}/ws/agents/", token=token[1]) as watcher:
         await watcher.send('{"action":"ping"}')
         await recv_json(watcher)
-        # The measure means something: a watching connection subscribes the hub.
-        assert await eventually(lambda: subscriptions(r, server.process.pid) > 0)
+        # The measure means something: a watching connection makes the hub read the streams.
+        assert await eventually(lambda: stream_reads(r, server.process.pid) > 0)
         await hostile_connections(server.url, token[1], 200)  # warm-up
         baseline = rss(server)
         await hostile_connections(server.url, token[1], 1000)
@@ -173,7 +173,7 @@ async def test_a_thousand_hostile_connections_leave_no_residue(start_server, ten
         await watcher.send('{"action":"ping","id":"after"}')
         assert (await recv_json(watcher))["id"] == "after"
     after = rss(server)
-    assert await eventually(lambda: subscriptions(r, server.process.pid) == 0)
+    assert await eventually(lambda: stream_reads(r, server.process.pid) == 0)
     assert await eventually(lambda: left(r, token_group(token[0].id)))
     assert after - baseline < 50 * MiB, (baseline, after)
     log = server.log()
@@ -284,7 +284,7 @@ async def test_five_hundred_sockets_closing_together_leave_their_groups(
         ws.transport.abort()
     await asyncio.gather(*(ws.close() for ws in sockets[::2]), return_exceptions=True)
     emptied = await eventually(lambda: left(r, *groups))
-    unsubscribed = await eventually(lambda: subscriptions(r, server.process.pid) == 0)
+    unsubscribed = await eventually(lambda: stream_reads(r, server.process.pid) == 0)
     sampler.stopped.set()
     sampler.join()
 
@@ -349,12 +349,13 @@ def test_a_stalled_redis_fills_the_publisher_backlog_and_new_updates_are_dropped
     url, resume = stalled_redis
     hosts = [{"address": url, "socket_timeout": 120}]
     settings.CHANNEL_LAYERS = {
-        "default": {**settings.CHANNEL_LAYERS["default"], "CONFIG": {"hosts": hosts}},
-        "realtime": {
-            **settings.CHANNEL_LAYERS["realtime"],
+        "default": {
+            **settings.CHANNEL_LAYERS["default"],
             "CONFIG": {"hosts": hosts, "prefix": "stalled."},
         },
     }
+    # The streams follow REDIS_URL (realtime.history).
+    settings.REDIS_URL = url
     settings.REALTIME_PUBLISH_BACKLOG = 3
     stalled = Publisher()
     monkeypatch.setattr(realtime.publisher, "publisher", stalled)
@@ -412,12 +413,9 @@ def test_group_expiry_is_three_refresh_periods():
     assert out.split()[-1] == "21"
 
 
-@pytest.mark.parametrize("layer", ["realtime", "default"])
-async def test_group_memberships_are_renewed_every_refresh_period(
-    start_server, tenant, token, layer
-):
+async def test_group_memberships_are_renewed_every_refresh_period(start_server, tenant, token):
     # Token re-checks stay at their default (60 s): renewal must not wait for them.
-    server = start_server(WS_GROUP_REFRESH_SECONDS="1", REALTIME_CHANNEL_LAYER=layer)
+    server = start_server(WS_GROUP_REFRESH_SECONDS="1")
     coalition = await db(factories.make_coalition, tenant)
     r = redis_client()
     async with (
@@ -428,13 +426,10 @@ async def test_group_memberships_are_renewed_every_refresh_period(
             await socket_.send('{"action":"ping"}')
             await recv_json(socket_)
         groups = [token_group(token[0].id), coalition_group(coalition.id)]
-        if layer == "default":
-            # On the core layer the hub's tenant group lives in Redis too.
-            groups.append(tenant_group(tenant.id))
         keys = [group_key(g) for g in groups]
         joined = {key: dict(r.zrange(key, 0, -1, withscores=True)) for key in keys}
-        # Both connections share the token's group; one hub, one coalition watcher.
-        assert [len(members) for members in joined.values()] == [2, 1, 1][: len(keys)], joined
+        # Both connections share the token's group; one coalition watcher.
+        assert [len(members) for members in joined.values()] == [2, 1], joined
 
         def renewed_past_expiry() -> bool:
             # Every member's score moved beyond its join plus group_expiry (3 s): the

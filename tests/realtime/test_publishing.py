@@ -1,5 +1,5 @@
-"""What services put on the channel layer, read back from Redis by a channel in the
-tenant's group (the position every server process's hub is in)."""
+"""What services put in the tenant's stream in Redis, read back as every server
+process's hub reads it (realtime.history)."""
 
 import asyncio
 import json
@@ -7,8 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-from channels.layers import get_channel_layer
-from django.conf import settings
 from django.db import transaction
 
 from agents.encryption import decrypt_array
@@ -21,7 +19,8 @@ from agents.services import (
     agents_update_states,
 )
 from agents.types import AgentStateUpdate
-from realtime.protocol import BATCH, EVENT_CREATED, EVENT_DELETED, EVENT_UPDATED, tenant_group
+from realtime import history
+from realtime.protocol import BATCH, EVENT_CREATED, EVENT_DELETED, EVENT_UPDATED
 from tests import factories
 from tests.realtime.helpers import ROOT, TIMEOUT, db, server_env
 
@@ -29,15 +28,31 @@ pytestmark = [pytest.mark.anyio, pytest.mark.django_db(transaction=True)]
 
 
 async def listener(tenant):
-    layer = get_channel_layer(settings.REALTIME_CHANNEL_LAYER)
-    channel = await layer.new_channel()
-    await layer.group_add(tenant_group(tenant.id), channel)
+    """receive() returns the entries appended after this call, one at a time, as the
+    publisher's batch messages looked."""
+    redis = history.client()
+    cursor = await history.tip(redis, tenant.id) or 0
+    pending: list[history.Entry] = []
 
     async def receive() -> dict:
+        nonlocal cursor
         async with asyncio.timeout(TIMEOUT):
-            message = await layer.receive(channel)
-        assert message["type"] == BATCH
-        return message
+            while not pending:
+                pending.extend(await history.entries_after(redis, tenant.id, cursor, 100))
+                if pending:
+                    cursor = pending[-1].last
+                else:
+                    await asyncio.sleep(0.02)
+        entry = pending.pop(0)
+        return {
+            "type": BATCH,
+            "seq": (entry.first, entry.last),
+            "previous": entry.previous,
+            "agents": entry.agents,
+            "frames": entry.frames,
+            "tokens": entry.tokens,
+            "timestamp": entry.timestamp,
+        }
 
     return receive
 
