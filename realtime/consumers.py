@@ -639,11 +639,10 @@ class AgentConsumer(RealtimeConsumer):
                 for entry in entries:
                     if not entry.follows(cursor):
                         return self._resync_live(RESUME_TOO_OLD.format(seq=after))
-                    replayed += self._replay_entry(entry, cursor)
+                    replayed += await self._replay_entry(entry, cursor)
                     cursor = entry.last
                 if routes.last_seq is None or cursor >= routes.last_seq:
                     break
-                await self._room()
         except RedisError as e:
             problems.event(
                 "websocket replay lost Redis, closed with 1013",
@@ -659,21 +658,19 @@ class AgentConsumer(RealtimeConsumer):
         self.last_seq = max(cursor, self.last_seq)
         self._in_order({"type": "ready", "seq": self.last_seq, "replayed": replayed})
 
-    def _replay_entry(self, entry: history.Entry, cursor: int) -> int:
+    async def _replay_entry(self, entry: history.Entry, cursor: int) -> int:
         seq, queued = entry.first, 0
         for agent_id, frame, token in zip(entry.agents, entry.frames, entry.tokens, strict=True):
             if seq > cursor and self.watches(agent_id):
+                # Replay waits for the writer while the queue is full: it never overflows.
+                while self._latest is None and len(self._updates) >= self._updates.maxlen:
+                    self._drained.clear()
+                    await self._drained.wait()
                 self.last_seq = seq
                 self.enqueue(agent_id, frame_for(self, agent_id, numbered(frame, seq), token))
                 queued += 1
             seq += 1
         return queued
-
-    async def _room(self) -> None:
-        # Replay waits while the queue is half full: it never overflows the queue.
-        while self._latest is None and len(self._updates) > self._updates.maxlen // 2:
-            self._drained.clear()
-            await self._drained.wait()
 
     def _resync_live(self, reason: str) -> None:
         self._replaying = False

@@ -90,8 +90,13 @@ class Entry:
 
     def follows(self, seq: int) -> bool:
         """Whether a reader that has every update up to seq misses none before this
-        entry: seq is in it, or is the last of the entry before it (p)."""
-        return seq >= self.first or 0 <= self.previous <= seq
+        entry: seq is in it, or lies between it and the entry before it (p). p = 0 is the
+        stream's first entry: only a reader that has seen nothing (0) follows it."""
+        if seq >= self.first:
+            return True
+        if self.previous == 0:
+            return seq == 0
+        return 0 < self.previous <= seq
 
 
 def pack(agents: list[str], frames: list[str], tokens: list, timestamp: float) -> bytes:

@@ -144,7 +144,9 @@ class Routes:
     def route(self, entry: history.Entry) -> None:
         """Deliver a stream entry; resync every connection first if entries before it
         are missing."""
-        if self.last_seq is not None and entry.previous != self.last_seq:
+        # Without a position (no stream when watching began) only a marked gap counts.
+        expected = entry.previous if self.last_seq is None else self.last_seq
+        if entry.previous != expected or entry.previous < 0:
             problems.event(
                 "realtime stream gap, connections resynced",
                 "Real-time stream has a gap after %s; resyncing %d connection(s)",

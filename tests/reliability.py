@@ -18,6 +18,7 @@ CATEGORIES = {
     "maintenance under load": "partition maintenance with concurrent writers and odd rows",
     "metrics outages": "InfluxDB down, slow or refusing points; the outbox cap",
     "websocket bad input": "hostile frames, origins, ids and mass disconnects",
+    "websocket resume": "servers killed mid-stream, lost history, dropped batches, resync",
     "service bad input": "invalid values through the services, the admin and settings",
     "tenant walls": "one tenant reaching another's rows, sockets or existence",
 }

@@ -68,10 +68,11 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_uvicorn(log_path: Path, *, log_level: str = "warning", **env):
-    """uvicorn serving freeagentics.asgi on a free loopback port, with the run command's
-    flags (scripts/devstack.py) but no forced graceful-shutdown timeout; yields a Server."""
-    port = _free_port()
+def running_uvicorn(log_path: Path, *, log_level: str = "warning", port: int | None = None, **env):
+    """uvicorn serving freeagentics.asgi on `port` (a free loopback port by default), with
+    the run command's flags (scripts/devstack.py) but no forced graceful-shutdown timeout;
+    yields a Server."""
+    port = port or _free_port()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [
@@ -137,14 +138,16 @@ def info_server(django_db_setup, tmp_path):
 
 @pytest.fixture
 def start_server(django_db_setup, tmp_path):
-    """start_server(log_level="warning", **env) -> Server: real uvicorn processes with
+    """start_server(log_level="warning", port=None, **env) -> Server: real uvicorn processes with
     extra environment (e.g. lowered limits), each logging to a file of its own; all
     stopped at teardown."""
     numbers = itertools.count()
     with contextlib.ExitStack() as stack:
 
-        def start(*, log_level: str = "warning", **env) -> Server:
+        def start(*, log_level: str = "warning", port: int | None = None, **env) -> Server:
             log_path = tmp_path / f"server-{next(numbers)}.log"
-            return stack.enter_context(running_uvicorn(log_path, log_level=log_level, **env))
+            return stack.enter_context(
+                running_uvicorn(log_path, log_level=log_level, port=port, **env)
+            )
 
         yield start
