@@ -40,6 +40,7 @@ from coalitions.selectors import is_coalition_member
 from coalitions.services import coalition_add_member, coalition_remove_member
 from freeagentics import redis_connection
 from freeagentics.settings import redis_cache, redis_channel_host, redis_config
+from realtime import history
 from realtime.protocol import CLOSE_TRY_AGAIN
 from realtime.services import api_token_create
 from tests import factories
@@ -329,32 +330,45 @@ def test_across_a_failover_writes_succeed_the_cache_recovers_and_serves_nothing_
             assert answer is expected, member.name
 
 
-def test_the_pubsub_layer_subscribes_again_on_the_new_master_by_itself(
+def test_the_streams_follow_the_new_master_and_a_lost_entry_is_seen_as_a_gap(
     fresh_sentinel_app, record_sentinel_timing
 ):
-    # What the hub relies on: its tenant groups are subscriptions on the pub/sub layer,
-    # made once; redis-py's PubSub subscribes them again when it reconnects.
+    # What the hub relies on: its reads and the publisher's appends reconnect through the
+    # sentinels by themselves, and entries the old master took with it are noticed.
     group = fresh_sentinel_app
+    tenant = "00000000-0000-0000-0000-0000000fa110"
 
     async def scenario():
-        subscriber = channel_layers.make_backend("realtime")
-        sender = channel_layers.make_backend("realtime")
-        channel = await subscriber.new_channel()
-        await subscriber.group_add("agents.probe", channel)
-        received: list[float] = []
+        appender = history.Appender()
+        reader = history.client()
+        wake = (history.wake_key("failover-test"), "0-0")
+        received: list[tuple[float, history.Entry]] = []
+        position = {"seq": 0}
 
-        async def receive():
+        async def read():
+            nonlocal wake
             while True:
-                await subscriber.receive(channel)
-                received.append(time.monotonic())
+                try:
+                    answer, wake_id = await history.read(
+                        reader, {tenant: position["seq"]}, wake, 200, 100
+                    )
+                except Exception:
+                    await asyncio.sleep(0.1)
+                    continue
+                wake = (wake[0], wake_id)
+                for _, entries in answer:
+                    for entry in entries:
+                        received.append((time.monotonic(), entry))
+                        position["seq"] = entry.last
 
-        receiving = asyncio.ensure_future(receive())
+        reading = asyncio.ensure_future(read())
         try:
             killed_at = failover = None
             began = time.monotonic()
             while failover is None or time.monotonic() < killed_at + failover.elapsed + 3:
                 with contextlib.suppress(Exception):  # no master: dropped, as the publisher does
-                    await sender.group_send("agents.probe", {"type": "probe"})
+                    payload = history.pack(["a"], ['{"n":1}'], [None], time.time())
+                    await appender.append(tenant, payload, 1, gap=False)
                 if killed_at is None and time.monotonic() - began > 1:
                     killed_at = time.monotonic()
                     waiting = asyncio.ensure_future(
@@ -364,17 +378,28 @@ def test_the_pubsub_layer_subscribes_again_on_the_new_master_by_itself(
                     failover = waiting.result()
                 await asyncio.sleep(0.05)
         finally:
-            receiving.cancel()
-            await asyncio.gather(receiving, return_exceptions=True)
-            await subscriber.flush()
-            await sender.flush()
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+            await appender.redis.aclose()
+            await reader.aclose()
         return received, killed_at, failover
 
     received, killed_at, failover = asyncio.run(scenario())
-    assert any(t > killed_at + failover.elapsed for t in received), "nothing after the failover"
-    gap = longest_silence(received, killed_at)
-    record_sentinel_timing("pub/sub layer delivery gap (no resubscribe by the app)", gap)
-    print(f"\nfailover {failover.elapsed:.2f} s; pub/sub layer gap {gap:.2f} s")
+    assert any(t > killed_at + failover.elapsed for t, _ in received), "nothing after failover"
+    numbers = [entry.last for _, entry in received]
+    assert numbers == sorted(set(numbers)), "numbers went back or repeated across the failover"
+    # Each entry follows the one read before it, or the break is visible to the reader.
+    breaks = [
+        (before.last, after.previous)
+        for (_, before), (_, after) in itertools.pairwise(received)
+        if after.previous != before.last
+    ]
+    gap = longest_silence([t for t, _ in received], killed_at)
+    record_sentinel_timing("stream read gap across the failover", gap)
+    print(
+        f"\nfailover {failover.elapsed:.2f} s; stream read gap {gap:.2f} s; "
+        f"{len(breaks)} break(s) in the chain, each seen by the reader: {breaks}"
+    )
 
 
 class Watchers(threading.Thread):
