@@ -7,6 +7,7 @@ exists, and agents.admin_scoping keeps each operator inside their own tenant.
 import datetime
 from collections import defaultdict
 
+import h3
 from django.contrib import admin, messages
 from django.contrib.admin.models import CHANGE, LogEntry
 from django.contrib.admin.utils import flatten_fieldsets, unquote
@@ -16,6 +17,7 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import formats, timezone
 from django.utils.html import format_html, format_html_join
+from django.utils.http import urlencode
 
 from agents.admin_scoping import (
     TenantScopedAdminMixin,
@@ -51,8 +53,8 @@ from agents.services import (
     agents_delete,
     agents_set_status,
 )
-from agents.svg import hex_map_svg, neighbourhood_svg
-from agents.types import AgentStateUpdate
+from agents.svg import MAX_CELLS, hex_map_svg, neighbourhood_svg
+from agents.types import AgentStateUpdate, micros
 from coalitions.selectors import tenant_overview
 from metrics.charts import agent_metrics_chart
 from realtime.services import api_token_create, api_token_revoke
@@ -64,6 +66,12 @@ METRICS_HOURS = 24
 _UPDATABLE = ("status", "energy_level", "location_h3", "personality_traits")
 # A new agent's fields: name and type, then those agent_update_state can change later.
 _CREATED_WITH = ["name", "agent_type", *_UPDATABLE]
+# The Live page: agents drawn from the page itself until the websocket's snapshot (which
+# has them all) arrives, dots the browser draws at most, and rings of empty cells drawn
+# around the occupied ones so agents have somewhere to move to.
+LIVE_INITIAL_AGENTS = 5000
+LIVE_MAX_MARKERS = 2000
+LIVE_MAP_MARGIN = 1
 
 
 def _ids_by_tenant(queryset) -> list[tuple[Tenant, list]]:
@@ -73,6 +81,32 @@ def _ids_by_tenant(queryset) -> list[tuple[Tenant, list]]:
         ids[tenant_id].append(agent_id)
     tenants = Tenant.objects.in_bulk(list(ids))
     return [(tenants[tenant_id], agent_ids) for tenant_id, agent_ids in ids.items()]
+
+
+def _live_agent(agent_id, name, agent_type, status, energy, cell, updated_at) -> dict:
+    """An agent as the websocket's frames carry it (realtime.protocol.agent_data)."""
+    lat, lng = h3.cell_to_latlng(cell) if cell else (None, None)
+    return {
+        "agent_id": str(agent_id),
+        "data": {
+            "name": name,
+            "agent_type": agent_type,
+            "energy_level": energy,
+            "status": status,
+            "location_h3": cell,
+            "lat": lat,
+            "lng": lng,
+            "version": micros(updated_at),
+            "updated_at": updated_at.isoformat(),
+        },
+    }
+
+
+def _with_every_status(by_status) -> list[tuple[str, int]]:
+    counts = dict(by_status)
+    return [(status, counts.pop(status, 0)) for status in AgentStatus.values] + sorted(
+        counts.items()
+    )
 
 
 class TenantDataKeyInline(TenantScopedInlineMixin, admin.TabularInline):
@@ -123,7 +157,7 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     # The id is the tenant's identity (tokens, keys and exports carry it): shown, never
     # edited, as on the agent page; a new tenant gets its id when saved.
     readonly_fields = ["id", "created_at", "overview_link"]
-    object_views = {"overview": "overview_view"}
+    object_views = {"overview": "overview_view", "live": "live_view"}
 
     def get_fields(self, request, obj=None):
         fields = super().get_fields(request, obj)
@@ -135,8 +169,12 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     def overview_link(self, obj):
         if obj.pk is None:
             return "—"
-        url = reverse("admin:agents_tenant_overview", args=[obj.pk])
-        return format_html('<a href="{}" class="tenant-overview-link">Overview</a>', url)
+        return format_html(
+            '<a href="{}" class="tenant-overview-link">Overview</a> · '
+            '<a href="{}" class="tenant-live-link">Live</a>',
+            reverse("admin:agents_tenant_overview", args=[obj.pk]),
+            reverse("admin:agents_tenant_live", args=[obj.pk]),
+        )
 
     def overview_view(self, request, object_id):
         tenant = self.get_object(request, unquote(object_id))
@@ -159,6 +197,59 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
             **overview,
         }
         return TemplateResponse(request, "admin/agents/tenant/overview.html", context)
+
+    def live_view(self, request, object_id):
+        """The tenant's agents on the H3 map, kept current over /ws/agents/ by
+        realtime/static/realtime/stream.js (docs/README-live.md)."""
+        tenant = self.get_object(request, unquote(object_id))
+        # The websocket streams agents, so the page asks what the stream will: seeing
+        # the tenant and its agents (realtime.auth refuses operators without the latter).
+        if not (
+            self.has_view_permission(request, tenant) and request.user.has_perm("agents.view_agent")
+        ):
+            raise PermissionDenied
+        overview = tenant_overview(tenant=tenant)
+        counts = dict(overview["cells"])
+        for cell in list(counts):
+            for ring_cell in h3.grid_disk(cell, LIVE_MAP_MARGIN):
+                counts.setdefault(ring_cell, 0)
+        # The cells hex_map_svg keeps, in its order; their centres let the page place an
+        # agent in any cell, drawn or not (agents move).
+        drawn = sorted(counts, key=lambda cell: (-counts[cell], cell))[:MAX_CELLS]
+        agents = list(
+            Agent.objects.filter(tenant=tenant)
+            .order_by("name", "id")
+            .values_list(
+                "id", "name", "agent_type", "status", "energy_level", "location_h3", "updated_at"
+            )[: LIVE_INITIAL_AGENTS + 1]
+        )
+        config = {
+            "url": "/ws/agents/?" + urlencode({"tenant": tenant.slug}),
+            "statuses": list(AgentStatus.values),
+            "centres": {cell: h3.cell_to_latlng(cell) for cell in drawn},
+            "agents": [_live_agent(*row) for row in agents[:LIVE_INITIAL_AGENTS]],
+            # More agents than the page carries: counts wait for the snapshot.
+            "complete": len(agents) <= LIVE_INITIAL_AGENTS,
+            "maxMarkers": LIVE_MAX_MARKERS,
+        }
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"{tenant}: live",
+            "subtitle": None,
+            "opts": self.opts,
+            "original": tenant,
+            "tenant": tenant,
+            "has_view_permission": True,
+            "map_svg": hex_map_svg(
+                counts={cell: counts[cell] for cell in drawn},
+                svg_id="live-map",
+                title=f"Agents of {tenant}, live",
+            ),
+            "agents_by_status": _with_every_status(overview["agents_by_status"]),
+            "agent_count": overview["agent_count"],
+            "live_config": config,
+        }
+        return TemplateResponse(request, "admin/agents/tenant/live.html", context)
 
 
 @admin.register(Agent)
