@@ -9,8 +9,9 @@ loopback, agent updates driven through the service layer.
         [--step-duration 10]
 
 Scenarios (docs/BENCH-realtime.md records a run):
-  publish     the publishing path alone: Redis round trips and time to publish one batch
-              of 1,000 updates, naive per-agent channel-layer groups vs one message per batch.
+  publish     the publisher alone: time to publish one batch (1, 50, --publish-batch
+              updates) with the replay history (the stream append) and without it (the
+              pub/sub PUBLISH it replaced), alternating. Target: ratio <= 1.2x.
   watchers    N clients, each on /ws/agents/<its agent>/, while those agents get --rate
               updates/s in total. Targets: N=1,000 p99 <= 50 ms; N=2,000 held, no errors.
   dashboards  100 clients on the tenant stream /ws/agents/ at --rate updates/s; then the
@@ -40,7 +41,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import logging
 import os
 import re
 import signal
@@ -162,6 +162,167 @@ async def run_clients(args) -> None:
     for ws in sockets:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(ws.close(), 2)
+
+
+async def run_storm_clients(args) -> None:
+    """The reconnect storm's clients: each resumes from its last sequence number
+    whenever its connection ends. "RESTART <t>" on stdin marks the restart; "REPORT"
+    prints, per client, the seconds from <t> until its `ready` frame (caught up)."""
+    import uvloop  # noqa: F401  (the loop policy is set by the caller)
+    from websockets.asyncio.client import connect
+
+    urls = Path(args.urls_file).read_text().split()
+    headers = {"Authorization": f"Bearer {args.token}"}
+    last = [0] * len(urls)
+    ready_at: list[float | None] = [None] * len(urls)
+    counts = {"resyncs": 0, "replayed": 0, "connected": 0, "duplicates": 0}
+    reasons: dict[str, int] = {}
+    restart = {"t": None}
+    first_round = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+    async def one(i: int) -> None:
+        initial = True
+        while True:
+            query = f"?resume_after={last[i]}" if last[i] and args.mode == "resume" else ""
+            try:
+                gate = first_round if initial else contextlib.nullcontext()
+                async with gate:
+                    ws = await connect(
+                        urls[i] + query,
+                        additional_headers=headers,
+                        proxy=None,
+                        max_size=None,
+                        open_timeout=60,
+                        ping_interval=None,
+                    )
+                if initial:
+                    counts["connected"] += 1
+                    initial = False
+                elif args.mode == "fresh":
+                    await ws.send('{"action":"ping"}')
+                async for raw in ws:
+                    frame = json.loads(raw)
+                    kind = frame.get("type")
+                    if kind == "pong" and restart["t"] is not None and ready_at[i] is None:
+                        ready_at[i] = time.time() - restart["t"]
+                    if kind == "ready" and restart["t"] is not None and ready_at[i] is None:
+                        ready_at[i] = time.time() - restart["t"]
+                        counts["replayed"] += frame["replayed"]
+                    elif kind == "resync":
+                        counts["resyncs"] += 1
+                        reasons[frame["reason"][:60]] = reasons.get(frame["reason"][:60], 0) + 1
+                    elif "seq" in frame and "agent_id" in frame:
+                        if frame["seq"] <= last[i]:
+                            counts["duplicates"] += 1
+                        last[i] = frame["seq"]
+            except Exception:
+                pass
+            await asyncio.sleep(0.02)
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(len(urls))]
+    while counts["connected"] < len(urls):
+        await asyncio.sleep(0.1)
+    loop = asyncio.get_running_loop()
+    print(f"READY {counts['connected']} 0", flush=True)
+    while line := (await loop.run_in_executor(None, sys.stdin.readline)).strip():
+        if line.startswith("RESTART"):
+            restart["t"] = float(line.split()[1])
+        elif line == "REPORT":
+            print(json.dumps({**counts, "reasons": reasons, "ready_at": ready_at}), flush=True)
+    for task in tasks:
+        task.cancel()
+
+
+def reconnect_storm(tenant, agent_ids, token, args, rng, mode: str) -> dict:
+    """--storm-clients clients, one agent each, while agents get --storm-rate updates/s:
+    uvicorn is SIGKILLed, stays down --storm-down s (updates go on), and starts again on
+    the same port; every client resumes at once. Time from the restart until each client
+    has caught up (its `ready` frame). The baseline, mode "fresh": the same clients
+    reconnect without resume_after and are timed to the answer of a ping (served, with
+    whatever they missed lost)."""
+    import threading
+
+    n = args.storm_clients
+    port = free_port()
+    log_dir = Path(args.tmp)
+    urls_file = log_dir / "storm-urls.txt"
+
+    def start() -> subprocess.Popen:
+        log = open(log_dir / f"storm-{time.time():.0f}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            server_command("uvicorn", port, False),
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    return proc
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("uvicorn did not start for the storm")
+            time.sleep(0.02)
+
+    server = start()
+    urls_file.write_text(
+        "\n".join(
+            f"ws://127.0.0.1:{port}/ws/agents/{agent_ids[i % len(agent_ids)]}/" for i in range(n)
+        )
+    )
+    clients = subprocess.Popen(
+        [
+            sys.executable, __file__, "storm-client", "--token", token,
+            "--urls-file", str(urls_file), "--mode", mode,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        clients.stdout.readline()  # READY
+        stop = threading.Event()
+
+        def driving() -> None:
+            while not stop.is_set():
+                drive(tenant, agent_ids[:n], args.storm_rate, 1.0, rng)
+
+        driver = threading.Thread(target=driving, daemon=True)
+        driver.start()
+        time.sleep(3)
+        server.kill()
+        server.wait()
+        time.sleep(args.storm_down)
+        server = start()
+        clients.stdin.write(f"RESTART {time.time()}\n")
+        clients.stdin.flush()
+        time.sleep(args.storm_wait)
+        stop.set()
+        driver.join(30)
+        clients.stdin.write("REPORT\n")
+        clients.stdin.flush()
+        result = json.loads(clients.stdout.readline())
+    finally:
+        clients.stdin.close()
+        clients.wait(30)
+        server.send_signal(signal.SIGINT)
+        server.wait(15)
+    times = sorted(t for t in result["ready_at"] if t is not None)
+    return {
+        "mode": mode,
+        "clients": n,
+        "caught_up": len(times),
+        "p50_s": percentile(times, 50) if times else None,
+        "p99_s": percentile(times, 99) if times else None,
+        "max_s": times[-1] if times else None,
+        "replayed": result["replayed"],
+        "resyncs": result["resyncs"],
+        "resync_reasons": result["reasons"],
+        "duplicates": result["duplicates"],
+    }
 
 
 # Orchestration ---------------------------------------------------------------------------
@@ -560,77 +721,62 @@ def describe(result: dict) -> list[tuple[str, str]]:
 
 
 def publish_path(tenant, agent_ids, args) -> list[dict]:
-    """Round trips and wall time to publish one batch of updates: what the service does
-    (one channel-layer message per chunk to the tenant group) against the naive design
-    (one group_send per update to the agent's group and one to the tenant's)."""
+    """The publisher's cost for one batch, with the replay history (the Lua script that
+    numbers the batch and appends it to the tenant's stream: what the publisher does)
+    against without it (channels-redis' pub/sub layer, one PUBLISH per batch: the
+    transport before the history). Same frames, same Redis; the variants alternate
+    within each round, for batches of 1, 50 and --publish-batch updates."""
     import numpy as np
-    from channels.layers import channel_layers
-    from redis.asyncio.connection import AbstractConnection
+    from channels_redis.pubsub import RedisPubSubChannelLayer
 
-    from agents import realtime
     from agents.encryption import encrypt_array
     from agents.selectors import get_agent
-    from realtime.protocol import agent_group, tenant_group
+    from realtime import history
+    from realtime.protocol import EVENT_UPDATED, tenant_group
+    from realtime.publisher import _state_batch
 
-    batch = args.publish_batch
-    states = [get_agent(tenant=tenant, agent_id=a) for a in agent_ids[:batch]]
-    sent = {"n": 0}
-    original = AbstractConnection.send_packed_command
+    sizes = sorted({1, 50, args.publish_batch})
+    states = [get_agent(tenant=tenant, agent_id=a) for a in agent_ids[: max(sizes)]]
+    beliefs = np.full(8, 1 / 8)
+    token = encrypt_array(beliefs, tenant_id=tenant.id)
+    repeats = {1: 400, 50: 100}
 
-    async def counting(self, *a, **k):
-        sent["n"] += 1
-        return await original(self, *a, **k)
-
-    async def run(variant: str) -> dict:
-        layer = channel_layers.make_backend("realtime" if variant == "pubsub" else "default")
-        reader = await layer.new_channel()
-        # One listener per group, as a server process watching them would be.
-        await layer.group_add(tenant_group(tenant.id), reader)
-        if variant == "naive":
-            for state in states:
-                await layer.group_add(agent_group(state.id), reader)
-        beliefs = np.full(8, 1 / 8)
-        token = encrypt_array(beliefs, tenant_id=tenant.id)
-        # Built outside the timing: both designs build the same frames once per update.
-        built = realtime._state_batch(
-            str(tenant.id), realtime.EVENT_UPDATED, [(s, beliefs, token) for s in states], 0.0
-        )
-        await layer.group_send("warm-up", {"type": "warm.up"})  # connections are open
-        AbstractConnection.send_packed_command = counting
-        sent["n"] = 0
-        start = time.perf_counter()
-        try:
-            for group, message in built:
-                if variant != "naive":
-                    await layer.group_send(group, message)
-                    continue
-                for agent_id, frame in zip(message["agents"], message["frames"], strict=True):
-                    single = {"type": "agent.update", "frame": frame}
-                    await layer.group_send(agent_group(agent_id), single)
-                    await layer.group_send(group, single)
-            elapsed = time.perf_counter() - start
-        finally:
-            AbstractConnection.send_packed_command = original
+    async def run() -> list[dict]:
+        layer = RedisPubSubChannelLayer(hosts=[os.environ["REDIS_URL"]], prefix="bench-rt.pubsub.")
+        listener = await layer.new_channel()
+        await layer.group_add(tenant_group(tenant.id), listener)
+        appender = history.Appender()
+        rows = []
+        for size in sizes:
+            (built,) = _state_batch(
+                str(tenant.id),
+                EVENT_UPDATED,
+                [(s, beliefs, token) for s in states[:size]],
+                time.time(),
+            )
+            message = built[1]
+            n = repeats.get(size, 10)
+            for _ in range(args.rounds):
+                for variant in ("without history", "with history"):
+                    start = time.perf_counter()
+                    for _ in range(n):
+                        if variant == "with history":
+                            payload = history.pack(
+                                message["agents"],
+                                message["frames"],
+                                message["tokens"],
+                                message["timestamp"],
+                            )
+                            await appender.append(str(tenant.id), payload, size, gap=False)
+                        else:
+                            await layer.group_send(tenant_group(tenant.id), message)
+                    per_batch = (time.perf_counter() - start) / n
+                    rows.append({"variant": variant, "size": size, "ms": per_batch * 1000})
         await layer.flush()
-        return {"variant": variant, "round_trips": sent["n"], "ms": elapsed * 1000}
+        await appender.redis.aclose()
+        return rows
 
-    def build() -> float:
-        beliefs = np.full(8, 1 / 8)
-        token = encrypt_array(beliefs, tenant_id=tenant.id)
-        start = time.perf_counter()
-        realtime._state_batch(
-            str(tenant.id), realtime.EVENT_UPDATED, [(s, beliefs, token) for s in states], 0.0
-        )
-        return (time.perf_counter() - start) * 1000
-
-    # The naive design overflows its test listener's 100-message capacity; that is expected.
-    logging.getLogger("channels_redis").setLevel(logging.WARNING)
-    results = []
-    for _ in range(args.rounds):
-        for variant in ("naive", "batched", "pubsub"):
-            results.append(asyncio.run(run(variant)))
-        results.append({"variant": "build", "round_trips": 0, "ms": build()})
-    return results
+    return asyncio.run(run())
 
 
 # Main ---------------------------------------------------------------------------------------
@@ -673,25 +819,23 @@ def main():
         default=10,
         help="dashboards-max-rate: seconds measured per step",
     )
+    parser.add_argument("--storm-clients", type=int, default=1000)
+    parser.add_argument("--storm-rate", type=float, default=200, help="storm: updates/s")
+    parser.add_argument("--storm-down", type=float, default=2, help="storm: seconds down")
+    parser.add_argument(
+        "--storm-wait", type=float, default=20, help="storm: seconds given to catch up"
+    )
     parser.add_argument("--client-processes", type=int, default=2)
     parser.add_argument("--compression", action="store_true", help="permessage-deflate")
     parser.add_argument("--publish-batch", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--layer",
-        default="realtime",
-        help="channel layer alias for update batches: realtime (pub/sub) or default (core)",
-    )
     parser.add_argument("--json", default=str(ROOT / "var" / "bench-realtime.json"))
     parser.add_argument("--tmp", default=str(ROOT / "var" / "bench-realtime"))
     args = parser.parse_args()
     Path(args.tmp).mkdir(parents=True, exist_ok=True)
-    # Read by the settings of this process and of the server processes it starts.
-    os.environ["REALTIME_CHANNEL_LAYER"] = args.layer
     setup()
 
     import numpy as np
-    from django.conf import settings
 
     from agents.models import Agent, Tenant
     from agents.services import AgentSpec, agents_bulk_load
@@ -726,10 +870,6 @@ def main():
 
     tenant, agent_ids, token = bench_tenant("bench-realtime", needed)
     print(
-        f"batches travel on the {settings.REALTIME_CHANNEL_LAYER!r} channel layer "
-        f"({settings.CHANNEL_LAYERS[settings.REALTIME_CHANNEL_LAYER]['BACKEND']})"
-    )
-    print(
         f"{os.cpu_count()} CPUs shared by server, clients, driver, PostgreSQL and Redis; "
         f"{args.duration:.0f} s measured per run after {SETTLE_SECONDS:.0f} s settling; "
         f"batches every {BATCH_INTERVAL * 1000:.0f} ms; compression "
@@ -741,37 +881,55 @@ def main():
         "dashboards": [],
         "watchers-spread": [],
         "dashboards-max-rate": [],
+        "storm": [],
     }
 
     if "publish" in scenarios:
         rows = publish_path(tenant, agent_ids, args)
         results["publish"] = rows
-        variants = ("naive", "batched", "pubsub", "build")
-        by = {v: [r for r in rows if r["variant"] == v] for v in variants}
-        naive_ms, batched_ms, pubsub_ms, build_ms = (
-            sorted(r["ms"] for r in by[v])[len(by[v]) // 2] for v in variants
-        )
+        lines = []
+        for size in sorted({r["size"] for r in rows}):
+            without, with_ = (
+                median([r["ms"] for r in rows if r["size"] == size and r["variant"] == v])
+                for v in ("without history", "with history")
+            )
+            lines.append(
+                (
+                    f"batch of {size:,}: without / with history",
+                    f"{without:,.3f} / {with_:,.3f} ms per batch, ratio {with_ / without:.2f}x"
+                    " (target <= 1.2x)",
+                )
+            )
+        report(f"Publisher cost per batch (median of {args.rounds} rounds)", lines)
+
+    if "storm" in scenarios:
+        results["storm"] = [
+            reconnect_storm(tenant, agent_ids, token, args, rng, mode)
+            for _ in range(args.rounds if args.rounds < 3 else 1)
+            for mode in ("fresh", "resume")
+        ]
+        lines = []
+        for storm in results["storm"]:
+            label = "resume_after" if storm["mode"] == "resume" else "fresh (baseline, no resume)"
+            lines += [
+                (f"{label}: caught up within the wait", f"{storm['caught_up']:,}"),
+                (
+                    f"{label}: restart to caught up p50 / p99 / max",
+                    f"{storm['p50_s']:.2f} / {storm['p99_s']:.2f} / {storm['max_s']:.2f} s"
+                    if storm["caught_up"]
+                    else "none caught up",
+                ),
+            ]
+            if storm["mode"] == "resume":
+                lines.append(
+                    (
+                        f"{label}: replayed / resyncs / duplicates",
+                        f"{storm['replayed']:,} / {storm['resyncs']} / {storm['duplicates']}",
+                    )
+                )
         report(
-            f"Publishing one batch of {args.publish_batch} updates (median of {args.rounds})",
-            [
-                (
-                    "naive: group_send per agent group + tenant group",
-                    f"{by['naive'][0]['round_trips']:,} Redis round trips, send {naive_ms:,.1f} ms",
-                ),
-                (
-                    "batched, core layer: one message per 1,000",
-                    f"{by['batched'][0]['round_trips']:,} Redis round trips, send "
-                    f"{batched_ms:,.1f} ms",
-                ),
-                (
-                    "batched, pub/sub layer (the default)",
-                    f"{by['pubsub'][0]['round_trips']:,} Redis round trips, send "
-                    f"{pubsub_ms:,.1f} ms",
-                ),
-                ("ratio naive / batched core (send time)", f"{naive_ms / batched_ms:,.0f}x"),
-                ("ratio naive / batched pub/sub (send time)", f"{naive_ms / pubsub_ms:,.0f}x"),
-                ("building the frames (both designs, once)", f"{build_ms:,.1f} ms"),
-            ],
+            f"Reconnect storm: {args.storm_clients:,} clients reconnect at once after a restart",
+            lines,
         )
 
     if "watchers" in scenarios:
@@ -921,5 +1079,14 @@ if __name__ == "__main__":
         client_parser.add_argument("--urls-file", required=True)
         client_parser.add_argument("--compression", action="store_true")
         uvloop.run(run_clients(client_parser.parse_args()))
+    elif len(sys.argv) > 1 and sys.argv[1] == "storm-client":
+        import uvloop
+
+        client_parser = argparse.ArgumentParser()
+        client_parser.add_argument("role")
+        client_parser.add_argument("--token", required=True)
+        client_parser.add_argument("--urls-file", required=True)
+        client_parser.add_argument("--mode", choices=("resume", "fresh"), default="resume")
+        uvloop.run(run_storm_clients(client_parser.parse_args()))
     else:
         main()

@@ -626,6 +626,8 @@ REALTIME_HISTORY_IDLE_SECONDS = env_int("REALTIME_HISTORY_IDLE_SECONDS", 86_400)
 REALTIME_READ_BLOCK_MS = env_int("REALTIME_READ_BLOCK_MS", 5_000)
 # Entries one replay read fetches; a resuming connection is paced by its queue.
 REALTIME_REPLAY_BATCH = env_int("REALTIME_REPLAY_BATCH", 50)
+# Stream reads one process's connections run at once (a storm of resumes shares them).
+REALTIME_REDIS_CONCURRENCY = env_int("REALTIME_REDIS_CONCURRENCY", 16)
 # --- end Realtime ---
 
 # --- Monitoring (README "Monitoring") ---

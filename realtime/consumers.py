@@ -502,15 +502,23 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             # The client went away mid-send (uvicorn's ClientDisconnected); the
             # disconnect follows.
             pass
+        except RuntimeError as e:
+            # The server closed the socket itself (uvicorn's --ws-max-size answers an
+            # oversized frame with 1009) while a frame was queued: nothing to tell.
+            if "after sending 'websocket.close'" not in str(e):
+                self._writer_failed(e)
         except Exception as e:
-            # A connection whose writer is dead would queue for ever: close it.
-            problems.event(
-                "websocket writer failed, closed with 1011",
-                "Websocket writer failed; closing with 1011: %r",
-                e,
-                exc_info=True,
-            )
-            self._closing = asyncio.ensure_future(self.close_with(CLOSE_SERVER_ERROR, SERVER_ERROR))
+            self._writer_failed(e)
+
+    def _writer_failed(self, error: Exception) -> None:
+        # A connection whose writer is dead would queue for ever: close it.
+        problems.event(
+            "websocket writer failed, closed with 1011",
+            "Websocket writer failed; closing with 1011: %r",
+            error,
+            exc_info=error,
+        )
+        self._closing = asyncio.ensure_future(self.close_with(CLOSE_SERVER_ERROR, SERVER_ERROR))
 
     # Inbound ----------------------------------------------------------------------
 
@@ -614,7 +622,9 @@ class AgentConsumer(RealtimeConsumer):
         else:
             self._watch_agents([agent_id], beliefs)
         if resume_after is None:
+            # The number to resume from, should this connection end before any update.
             self.last_seq = self.routes.last_seq or 0
+            self.reply({"type": "ready", "seq": self.last_seq, "replayed": 0})
         else:
             self._replaying = True
             self._replay = asyncio.ensure_future(self._catch_up(resume_after))
@@ -624,16 +634,17 @@ class AgentConsumer(RealtimeConsumer):
         connection's queue, then hand over to the live frames where the hub's position
         is reached: what the hub routed meanwhile is read from the stream too, so the
         hand-over has no gap and no duplicate."""
-        routes, redis = self.routes, hub().redis
+        routes, redis, slots = self.routes, hub().redis, hub().redis_slots
         cursor, replayed = after, 0
         try:
             while routes is self.routes:
-                entries = await history.entries_after(
-                    redis, self.tenant_id, cursor, settings.REALTIME_REPLAY_BATCH
-                )
+                async with slots:
+                    tip, entries = await history.page_after(
+                        redis, self.tenant_id, cursor, settings.REALTIME_REPLAY_BATCH
+                    )
                 if not entries:
                     # Nothing after it, yet the stream is further on: trimmed, or unknown.
-                    if await history.tip(redis, self.tenant_id) not in (None, cursor):
+                    if tip not in (None, cursor):
                         return self._resync_live(RESUME_TOO_OLD.format(seq=after))
                     break
                 for entry in entries:
@@ -687,7 +698,8 @@ class AgentConsumer(RealtimeConsumer):
         """Every watched agent's current state, and the number of the last update it
         includes: the client applies the frames numbered above it (README)."""
         # Read before the database: every update numbered up to seq was committed by then.
-        seq = await history.tip(hub().redis, self.tenant_id) or 0
+        async with hub().redis_slots:
+            seq = await history.tip(hub().redis, self.tenant_id) or 0
         ids = None if self.all else list(self.agents)
         with replicas.primary():
             states = await database_sync_to_async(snapshot_states)(self.principal.tenant_id, ids)

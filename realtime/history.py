@@ -66,11 +66,14 @@ def counter_key(tenant_id) -> str:
     return f"{settings.CHANNEL_LAYERS['default']['CONFIG']['prefix']}.seq.{tenant_id}"
 
 
-def client():
+def client(max_connections: int | None = None):
     """An asyncio Redis client for the current event loop. Reads block up to
     REALTIME_READ_BLOCK_MS, so the socket timeout is well above it."""
     timeout = settings.REALTIME_READ_BLOCK_MS / 1000 + 10
-    return redis_connection.async_client(socket_timeout=timeout, socket_connect_timeout=5)
+    options = {"socket_timeout": timeout, "socket_connect_timeout": 5}
+    if max_connections is not None:
+        options["max_connections"] = max_connections
+    return redis_connection.async_client(**options)
 
 
 @dataclass(slots=True)
@@ -147,6 +150,17 @@ async def tip(redis, tenant_id) -> int | None:
     (or it expired)."""
     value = await redis.get(counter_key(tenant_id))
     return None if value is None else int(value)
+
+
+async def page_after(redis, tenant_id, seq: int, count: int) -> tuple[int | None, list[Entry]]:
+    """(tip, entries_after(...)) read atomically (MULTI): an empty page with a tip above
+    seq means the entries are gone, not that one was appended in between."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.get(counter_key(tenant_id))
+        pipe.xrange(stream_key(tenant_id), min=f"{seq + 1}-0", max="+", count=count)
+        value, rows = await pipe.execute()
+    tip = None if value is None else int(value)
+    return tip, [parse(entry_id, fields) for entry_id, fields in rows]
 
 
 async def entries_after(redis, tenant_id, seq: int, count: int) -> list[Entry]:

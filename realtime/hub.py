@@ -144,6 +144,10 @@ class Routes:
     def route(self, entry: history.Entry) -> None:
         """Deliver a stream entry; resync every connection first if entries before it
         are missing."""
+        if self.last_seq is not None and entry.last <= self.last_seq:
+            # Read for routes since replaced (every connection left, one came back
+            # during the read): these are positioned past it.
+            return
         # Without a position (no stream when watching began) only a marked gap counts.
         expected = entry.previous if self.last_seq is None else self.last_seq
         if entry.previous != expected or entry.previous < 0:
@@ -171,10 +175,14 @@ class Hub:
     `layer_slots` bounds the process's concurrent channel-layer group operations of
     consumers: hundreds of sockets closing at once (a restart, a network blip) would
     otherwise ask redis-py's pool for more connections than it has ("Too many
-    connections") and leave stale members behind."""
+    connections") and leave stale members behind. `redis_slots` does the same for the
+    connections' stream reads (a thousand clients resuming at once after a restart)."""
 
     def __init__(self):
-        self.redis = history.client()
+        slots = max(1, settings.REALTIME_REDIS_CONCURRENCY)
+        # The slots, the blocked read, and the hub's own calls (tips, wake-ups).
+        self.redis = history.client(max_connections=slots + 4)
+        self.redis_slots = asyncio.Semaphore(slots)
         self.tenants: dict[str, Routes] = {}
         self.connections: set[Connection] = set()
         self.layer_slots = asyncio.Semaphore(max(1, settings.WS_GROUP_OPS_CONCURRENCY))

@@ -218,7 +218,22 @@ def test_every_redis_client_of_the_project_reaches_the_master_through_the_sentin
             await layer.flush()
 
     assert asyncio.run(round_trip("default")) == {"type": "probe", "via": "default"}
-    assert asyncio.run(round_trip("realtime")) == {"type": "probe", "via": "realtime"}
+
+    # The real-time streams: an entry appended and read back, kept by the master.
+    async def stream_round_trip() -> list:
+        appender, reader = history.Appender(), history.client()
+        try:
+            payload = history.pack(["probe"], ['{"n":1}'], [None], time.time())
+            await appender.append(str(tenant.id), payload, 1, gap=False)
+            return await history.entries_after(reader, str(tenant.id), 0, 10)
+        finally:
+            await appender.redis.aclose()
+            await reader.aclose()
+
+    (entry,) = asyncio.run(stream_round_trip())
+    assert entry.agents == ["probe"]
+    with group.master.client() as master:
+        assert master.xlen(history.stream_key(tenant.id)) == 1
 
 
 # --- failovers -----------------------------------------------------------------------------

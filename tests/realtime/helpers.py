@@ -21,11 +21,17 @@ def bearer(raw: str) -> list[tuple[bytes, bytes]]:
 
 
 @contextlib.asynccontextmanager
-async def communicator(path: str, *, headers=None, subprotocols=None):
+async def communicator(path: str, *, headers=None, subprotocols=None, ready: bool = False):
     """A WebsocketCommunicator on the full ASGI stack (origin check, auth, routing),
-    connected; always disconnected at the end."""
+    connected; always disconnected at the end. The `ready` frame an accepted agent
+    stream starts with is read and dropped, unless ready=True (the test reads it)."""
     comm = WebsocketCommunicator(application, path, headers=headers, subprotocols=subprotocols)
     connected, _ = await comm.connect(timeout=TIMEOUT)
+    if connected and not ready and path.startswith("/ws/agents/") and "resume_after=" not in path:
+        first = await comm.receive_output(TIMEOUT)
+        if first.get("type") != "websocket.send" or '"type":"ready"' not in first.get("text", ""):
+            # A refusal's close: nothing else follows it, so the queue keeps its order.
+            await comm.output_queue.put(first)
     try:
         yield comm
     finally:

@@ -16,9 +16,14 @@ def client(url: str, *, token: str | None = None, **options):
     return connect(url, additional_headers=headers, proxy=None, open_timeout=TIMEOUT, **options)
 
 
-async def recv_json(ws) -> dict:
+async def recv_json(ws, *, ready: bool = False) -> dict:
+    """The next JSON frame; the `ready` frame an agent stream starts with is skipped,
+    unless ready=True."""
     async with asyncio.timeout(TIMEOUT):
-        return json.loads(await ws.recv())
+        while True:
+            frame = json.loads(await ws.recv())
+            if ready or frame.get("type") != "ready":
+                return frame
 
 
 async def close_code(ws) -> int:

@@ -344,6 +344,7 @@ async def test_token_in_the_subprotocol_for_browsers(tenant, token):
     connected, subprotocol = await comm.connect()
     try:
         assert (connected, subprotocol) == (True, SUBPROTOCOL)
+        assert (await next_json(comm))["type"] == "ready"
         await db(agent_update_state, tenant=tenant, update=energy(agent, 9))
         assert (await next_json(comm))["agent_id"] == str(agent.id)
     finally:

@@ -190,6 +190,8 @@ async def test_a_frame_built_to_make_the_scanner_quadratic_is_answered(asgi_serv
         await ws.send(frame)
         async with asyncio.timeout(SETTLE_TIMEOUT):
             answer = json.loads(await ws.recv())
+            while answer["type"] == "ready":
+                answer = json.loads(await ws.recv())
     assert (answer["type"], answer["message"]) == ("error", MALFORMED_JSON)
 
 
