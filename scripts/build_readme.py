@@ -9,6 +9,7 @@ ORDER = [
     "README-run-and-test.md",
     "README-foundation.md",
     "README-realtime.md",
+    "README-live.md",
     "README-metrics.md",
     "README-operations.md",
     "README-partitions.md",
