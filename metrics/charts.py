@@ -24,7 +24,11 @@ from metrics.exceptions import InfluxDBUnavailable, MetricsError
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER = 30.0
-NOT_CONFIGURED = "Metrics are not configured (INFLUXDB_URL is unset); points wait in the outbox."
+NOT_CONFIGURED = (
+    "Metrics are not configured (INFLUXDB_URL is unset); points wait in the outbox. "
+    "Set INFLUXDB_URL (README: Metrics), or run scripts/run.sh as root, which starts "
+    "an InfluxDB of its own."
+)
 UNAVAILABLE = "InfluxDB unavailable: {reason}"
 NO_DATA = "No metrics for this agent in the last {hours} hours."
 FAILED = "Metrics could not be read: {reason}"
