@@ -153,8 +153,10 @@ class Routes:
         if entry.previous != expected or entry.previous < 0:
             problems.event(
                 "realtime stream gap, connections resynced",
-                "Real-time stream has a gap after %s; resyncing %d connection(s)",
+                "Real-time stream has a gap after %s (the next entry follows %s); "
+                "resyncing %d connection(s)",
                 self.last_seq,
+                entry.previous,
                 len(self.conns),
             )
             for conn in self.conns:
