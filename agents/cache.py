@@ -37,7 +37,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 from django.conf import settings
@@ -298,6 +298,10 @@ def _beliefs_key_template() -> str:
 # Agent state -------------------------------------------------------------------------
 
 
+# json.dumps(..., separators=...) builds a new encoder per call; this one gives the same text.
+_encode_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def agent_entry(state: AgentState, token: bytes | None) -> tuple[uuid.UUID, int, bytes]:
     """The (agent_id, version, value) cache entry for a state and its belief token.
 
@@ -305,10 +309,28 @@ def agent_entry(state: AgentState, token: bytes | None) -> tuple[uuid.UUID, int,
     exactly as PostgreSQL stores it: beliefs stay encrypted in Redis at no extra
     encryption cost. A list, not a dict, because packing runs once per updated agent.
     """
+    return _entry(state, str(state.tenant_id), token)
+
+
+def agent_entries(
+    states: Sequence[AgentState], tokens: Sequence[bytes | None]
+) -> list[tuple[uuid.UUID, int, bytes]]:
+    """agent_entry of each state with its token (a batch's: each tenant's id formatted once)."""
+    tenant_texts: dict = {}
+    entries = []
+    for state, token in zip(states, tokens, strict=True):
+        tenant = tenant_texts.get(state.tenant_id)
+        if tenant is None:
+            tenant = tenant_texts[state.tenant_id] = str(state.tenant_id)
+        entries.append(_entry(state, tenant, token))
+    return entries
+
+
+def _entry(state: AgentState, tenant: str, token: bytes | None) -> tuple[uuid.UUID, int, bytes]:
     version = state.version
-    meta = json.dumps(
+    meta = _encode_json(
         [
-            str(state.tenant_id),
+            tenant,
             state.name,
             state.agent_type,
             state.energy_level,
@@ -316,8 +338,7 @@ def agent_entry(state: AgentState, token: bytes | None) -> tuple[uuid.UUID, int,
             state.status,
             state.personality_traits,
             micros(state.last_active_at),
-        ],
-        separators=(",", ":"),
+        ]
     )
     return state.id, version, b"%d\n%s\n%s" % (version, meta.encode(), token or b"")
 
@@ -361,17 +382,27 @@ def agents_store(entries: Iterable[tuple[object, int, bytes]]) -> None:
         if epoch is None:
             return REFUSED
         script = redis.register_script(_CAS_SCRIPT)
-        with redis.pipeline(transaction=False) as pipe:
-            for start in range(0, len(entries), CHUNK):
-                args = [BELIEFS_TTL, epoch]
-                for _, version, value in entries[start : start + CHUNK]:
-                    args += [version, value]
-                chunk_keys = [epoch_key(), *keys[start : start + CHUNK]]
-                script(keys=chunk_keys, args=args, client=pipe)
-            written = pipe.execute()
+        if len(entries) <= CHUNK:
+            # One script call needs no pipeline, whose execute() first asks SCRIPT EXISTS:
+            # a round trip saved per batch. (The script loads itself on NOSCRIPT.)
+            written = [script(keys=[epoch_key(), *keys], args=_cas_args(epoch, entries))]
+        else:
+            with redis.pipeline(transaction=False) as pipe:
+                for start in range(0, len(entries), CHUNK):
+                    chunk_keys = [epoch_key(), *keys[start : start + CHUNK]]
+                    args = _cas_args(epoch, entries[start : start + CHUNK])
+                    script(keys=chunk_keys, args=args, client=pipe)
+                written = pipe.execute()
         return REFUSED if -1 in written else sum(written)
 
     guard.call(store, None, stale=keys)
+
+
+def _cas_args(epoch: str, entries: Sequence[tuple[object, int, bytes]]) -> list:
+    args = [BELIEFS_TTL, epoch]
+    for _, version, value in entries:
+        args += (version, value)
+    return args
 
 
 def agent_tombstone(agent_id, version: int) -> None:

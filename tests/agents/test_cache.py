@@ -168,3 +168,31 @@ def test_more_lost_writes_than_remembered_remove_the_whole_cache(
 def test_the_key_prefix_is_matched_literally_when_the_cache_is_removed():
     prefix = django_settings.CACHES["default"]["KEY_PREFIX"]
     assert cache._flush_patterns() == [f"{prefix}:agent:beliefs:*", f"{prefix}:coalition:members:*"]
+
+
+def test_a_batch_of_entries_packs_each_state_as_one_entry_does(tenant, other_tenant):
+    states = [
+        agent_update_state(
+            tenant=t, update=AgentStateUpdate(factories.make_agent(t).id, energy_level=7)
+        )
+        for t in (tenant, other_tenant, tenant)
+    ]
+    tokens = [b"token-a", None, b"token-c"]
+    assert cache.agent_entries(states, tokens) == [
+        cache.agent_entry(state, token) for state, token in zip(states, tokens, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("chunk", [1000, 2], ids=["one script call", "pipelined chunks"])
+def test_stored_entries_keep_the_higher_version_one_call_or_many(tenant, monkeypatch, chunk):
+    monkeypatch.setattr(cache, "CHUNK", chunk)
+    agents = [factories.make_agent(tenant) for _ in range(5)]
+    cache.agents_store([(a.id, 10, b"10\nnewer") for a in agents[:2]])
+    cache.agents_store([(a.id, 5 + i, b"%d\nolder" % (5 + i)) for i, a in enumerate(agents)])
+    assert [cache.agent_load(a.id) for a in agents] == [
+        b"10\nnewer",
+        b"10\nnewer",
+        b"7\nolder",
+        b"8\nolder",
+        b"9\nolder",
+    ]

@@ -1,3 +1,5 @@
+import base64
+
 import numpy as np
 import pytest
 from cryptography.fernet import Fernet
@@ -5,7 +7,14 @@ from django.core.exceptions import FieldError, ImproperlyConfigured
 from django.db import connection
 from django.test import override_settings
 
-from agents.encryption import decode_array, encode_array, encrypt_array, multi_fernet
+from agents.encryption import (
+    decode_array,
+    decrypt_array,
+    encode_array,
+    encrypt_array,
+    encrypt_arrays,
+    multi_fernet,
+)
 from agents.exceptions import BeliefStateDecryptionError, BeliefStateFormatError
 from agents.models import Agent
 from tests import factories
@@ -125,3 +134,20 @@ def test_bad_key_configuration_names_the_variable(tenant):
         pytest.raises(ImproperlyConfigured, match="FREEAGENTICS_ENCRYPTION_KEYS entry 1"),
     ):
         encrypt_array(np.arange(3.0), tenant_id=tenant.id)
+
+
+@pytest.mark.django_db
+def test_a_batch_encrypts_like_one_array_at_a_time_with_its_own_iv_each(tenant):
+    arrays = [a for a in ARRAYS if a.size] * 3
+    tokens = encrypt_arrays(arrays, tenant_id=tenant.id)
+    single = encrypt_array(arrays[0], tenant_id=tenant.id)
+    # The same envelope (magic and data key id), then a Fernet token of the same length.
+    assert {token[:8] for token in tokens} == {single[:8]}
+    assert len(tokens[0]) == len(single)
+    for array, token in zip(arrays, tokens, strict=True):
+        decrypted = decrypt_array(token, tenant_id=tenant.id)
+        assert decrypted.dtype == array.dtype and np.array_equal(decrypted, array)
+    # Fernet's IV sits after its version byte and timestamp: no two tokens share one.
+    ivs = {base64.urlsafe_b64decode(token[8:])[9:25] for token in tokens}
+    assert len(ivs) == len(tokens)
+    assert encrypt_arrays([], tenant_id=tenant.id) == []
