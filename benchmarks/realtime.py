@@ -17,6 +17,12 @@ Scenarios (docs/BENCH-realtime.md records a run):
   dashboards  100 clients on the tenant stream /ws/agents/ at --rate updates/s; then the
               per-update stream at each of --dashboard-rates (highest with p99 <= 100 ms),
               then the conflated stream (?conflate=<ms>) at --rate.
+  mix         the production mix of the soak: --mix-rate updates/s, --mix-watchers
+              watchers, --mix-dashboards conflated dashboards, flush_metrics --follow into
+              InfluxDB and a backup, against the same watchers alone. Target: p99 <= 100 ms.
+  storm       --storm-clients clients (one agent each) while uvicorn is SIGKILLed and
+              restarted: time until each has resumed and caught up, against fresh
+              reconnects (no resume_after).
   watchers-spread
               --spread-watchers watchers (one agent each, --rate updates/s in total) on
               one uvicorn process, then spread evenly over two (same Redis, same
@@ -274,8 +280,15 @@ def reconnect_storm(tenant, agent_ids, token, args, rng, mode: str) -> dict:
     )
     clients = subprocess.Popen(
         [
-            sys.executable, __file__, "storm-client", "--token", token,
-            "--urls-file", str(urls_file), "--mode", mode,
+            sys.executable,
+            __file__,
+            "storm-client",
+            "--token",
+            token,
+            "--urls-file",
+            str(urls_file),
+            "--mode",
+            mode,
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -323,6 +336,89 @@ def reconnect_storm(tenant, agent_ids, token, args, rng, mode: str) -> dict:
         "resync_reasons": result["reasons"],
         "duplicates": result["duplicates"],
     }
+
+
+def production_mix(tenant, agent_ids, token, args, rng) -> list[dict]:
+    """The soak's mix: --mix-rate updates/s, --mix-watchers watchers (one agent each),
+    --mix-dashboards dashboards on the tenant stream (?conflate=250), the metrics flusher
+    (flush_metrics --follow into a real InfluxDB) and a backup (manage.py backup) started
+    in the window. The watchers' latency is measured alone (their own client process),
+    against the same watchers at the same rate with nothing else (the baseline), in
+    alternating rounds."""
+    from tests.metrics.conftest import InfluxDB
+
+    tmp = Path(args.tmp)
+    watcher_paths = [f"/ws/agents/{a}/" for a in agent_ids[: args.mix_watchers]]
+    workdir = tmp / f"mix-influxd-{time.time():.0f}"
+    workdir.mkdir(parents=True)
+    influxd = InfluxDB(workdir)
+    influxd.start()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "INFLUXDB_URL": influxd.url,
+        "INFLUXDB_API": "v1",
+        "INFLUXDB_DATABASE": influxd.create_database(),
+        "BACKUP_DIR": str(tmp / "mix-backups"),
+    }
+    rows = []
+    try:
+        for _ in range(args.rounds):
+            for variant in ("watchers alone", "production mix"):
+                with running_server("uvicorn", tmp) as (proc, url):
+                    time.sleep(1.0)
+                    watchers = Clients(token, [url + p for p in watcher_paths], 1, tmp, args)
+                    extras: list = []
+                    dashboards = None
+                    if variant == "production mix":
+                        dashboards = Clients(
+                            token,
+                            [f"{url}/ws/agents/?conflate=250"] * args.mix_dashboards,
+                            1,
+                            tmp,
+                            args,
+                        )
+                        extras.append(
+                            subprocess.Popen(
+                                [sys.executable, "manage.py", "flush_metrics", "--follow"],
+                                cwd=ROOT,
+                                env=env,
+                                stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL,
+                            )
+                        )
+                    try:
+                        if dashboards is not None:
+                            dashboards.send("GO")
+                            # The backup starts with the window and runs through it.
+                            extras.append(
+                                subprocess.Popen(
+                                    [sys.executable, "manage.py", "backup", "--no-redis"],
+                                    cwd=ROOT,
+                                    env=env,
+                                    stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL,
+                                )
+                            )
+                        result = measure(
+                            [proc], watchers, tenant, agent_ids, args.mix_rate, args, rng
+                        )
+                        if dashboards is not None:
+                            dashboards.send("STOP")
+                            dashboards.results()
+                    finally:
+                        for extra in extras:
+                            extra.terminate()
+                            with contextlib.suppress(subprocess.TimeoutExpired):
+                                extra.wait(30)
+                        watchers.close()
+                        if dashboards is not None:
+                            dashboards.close()
+                result["variant"] = variant
+                rows.append(result)
+    finally:
+        influxd.stop()
+    return rows
 
 
 # Orchestration ---------------------------------------------------------------------------
@@ -819,6 +915,9 @@ def main():
         default=10,
         help="dashboards-max-rate: seconds measured per step",
     )
+    parser.add_argument("--mix-rate", type=float, default=2000, help="mix: updates/s")
+    parser.add_argument("--mix-watchers", type=int, default=310)
+    parser.add_argument("--mix-dashboards", type=int, default=10)
     parser.add_argument("--storm-clients", type=int, default=1000)
     parser.add_argument("--storm-rate", type=float, default=200, help="storm: updates/s")
     parser.add_argument("--storm-down", type=float, default=2, help="storm: seconds down")
@@ -882,6 +981,7 @@ def main():
         "watchers-spread": [],
         "dashboards-max-rate": [],
         "storm": [],
+        "mix": [],
     }
 
     if "publish" in scenarios:
@@ -929,6 +1029,27 @@ def main():
                 )
         report(
             f"Reconnect storm: {args.storm_clients:,} clients reconnect at once after a restart",
+            lines,
+        )
+
+    if "mix" in scenarios:
+        results["mix"] = production_mix(tenant, agent_ids, token, args, rng)
+        lines = []
+        for variant in ("watchers alone", "production mix"):
+            runs = [r for r in results["mix"] if r["variant"] == variant]
+            lines.append(
+                (
+                    f"{variant}: watchers p50 / p99 (median of {len(runs)})",
+                    f"{median([r['p50_ms'] for r in runs]):.1f} / "
+                    f"{median([r['p99_ms'] for r in runs]):.1f} ms; updates/s done "
+                    f"{median([r['achieved_rate'] for r in runs]):,.0f}; server CPU "
+                    f"{median([r['server_cpu'] for r in runs]) * 100:.0f}% of a core; "
+                    f"load {median([r['load_average'] for r in runs]):.1f}",
+                )
+            )
+        report(
+            f"Production mix: {args.mix_rate:,.0f} updates/s, {args.mix_watchers} watchers, "
+            f"{args.mix_dashboards} dashboards (conflate 250 ms), flusher, backup",
             lines,
         )
 
