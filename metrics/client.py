@@ -165,6 +165,13 @@ def _client(config: Config):
     return pair
 
 
+def prepare(config: Config | None = None) -> None:
+    """Import influxdb-client and create the client for `config` now rather than at the
+    first write: a command's start-up then holds that cost (~0.5 s), not its first batch.
+    Sends nothing. Raises ImproperlyConfigured like load_config."""
+    _client(config or load_config())
+
+
 @atexit.register
 def close_clients() -> None:
     """Close every client. Registered at exit because influxdb-client's __del__ fails

@@ -15,11 +15,14 @@ LOG_SUMMARY_SECONDS). The agent write itself never fails or waits: the check and
 count are part of the one INSERT statement that records the points.
 """
 
+import itertools
 import logging
+import queue
 import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -368,9 +371,18 @@ def _flush_batch(*, batch_size: int, upto: int, config, report: FlushReport) -> 
         if not rows:
             return 0
         rejected = _ship(rows, config)
-        cursor.execute(_FLUSH_DELETE_SQL, [[row_id for row_id, _ in rows]])
-        if rejected:
-            cursor.execute(_REJECT_SQL, [[r[0] for r in rejected], [r[1] for r in rejected]])
+        _delete_shipped(cursor, rows, rejected)
+    _count_shipped(report, rows, rejected)
+    return len(rows)
+
+
+def _delete_shipped(cursor, rows, rejected) -> None:
+    cursor.execute(_FLUSH_DELETE_SQL, [[row_id for row_id, _ in rows]])
+    if rejected:
+        cursor.execute(_REJECT_SQL, [[r[0] for r in rejected], [r[1] for r in rejected]])
+
+
+def _count_shipped(report: FlushReport, rows, rejected) -> None:
     if rejected:
         problems.event(
             POINTS_REJECTED,
@@ -383,7 +395,6 @@ def _flush_batch(*, batch_size: int, upto: int, config, report: FlushReport) -> 
     report.sent += len(rows) - len(rejected)
     report.rejected += len(rejected)
     report.batches += 1
-    return len(rows)
 
 
 def _outbox_head() -> int:
@@ -410,9 +421,12 @@ def outbox_flush(
     the outbox. follow=True: runs
     until `stop` is set, polling every `poll_interval` seconds when the outbox is empty
     and retrying failures forever with exponential backoff (capped at
-    METRICS_FLUSH_BACKOFF_MAX_MS). `workers` threads, each with its own database
-    connection, overlap one batch's PostgreSQL work with another's POST; any number of
-    flusher processes may run as well: each batch takes rows FOR UPDATE SKIP LOCKED.
+    METRICS_FLUSH_BACKOFF_MAX_MS). Each of the `workers` sends one batch at a time; its
+    batches' PostgreSQL work runs on two connections of its own, beside the POST (the
+    next batch is selected, the last one deleted, while InfluxDB takes this one). Called
+    inside a transaction, one worker flushes on the caller's connection, one step after
+    the other. Any number of flusher processes may run as well: each batch takes rows
+    FOR UPDATE SKIP LOCKED.
 
     Raises ImproperlyConfigured (settings, credentials or target refused) in both modes:
     no retry can fix those. Returns a FlushReport (summed over workers).
@@ -438,8 +452,12 @@ def outbox_flush(
         "poll_interval": poll_interval,
         "stop": stop or threading.Event(),
     }
-    if workers == 1:
+    if workers == 1 and connection.in_atomic_block:
+        # Inside the caller's transaction (its rows are visible to its connection only):
+        # one batch after the other on that connection.
         return _flush_worker(**options, on_batch=on_batch)
+    if workers == 1:
+        return _flush_pipelined(**options, on_batch=on_batch)
     return _flush_workers(workers, options, on_batch)
 
 
@@ -454,7 +472,7 @@ def _flush_workers(workers: int, options: dict, on_batch) -> FlushReport:
 
     def run() -> None:
         try:
-            reports.append(_flush_worker(**options, on_batch=counted))
+            reports.append(_flush_pipelined(**options, on_batch=counted))
         except BaseException as e:
             errors.append(e)
             # One worker's fatal error (bad credentials...) is every worker's.
@@ -518,6 +536,167 @@ def _flush_worker(
         if not follow:
             break
         stop.wait(poll_interval)
+    if failing_since is not None:
+        # Stopped during an outage: what was counted is logged now, not at the next tick.
+        problems.flush(FLUSH_FAILED)
+    return report
+
+
+class _RolledBack(Exception):
+    pass
+
+
+class _Batch:
+    """A batch a lane holds: its rows, selected FOR UPDATE in a transaction that stays
+    open until the sender says how InfluxDB answered."""
+
+    __slots__ = ("done", "outcome", "rows", "started")
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        # The (id, line) rows, or the error that kept the lane from selecting them.
+        self.rows: Future = Future()
+        # Set by the sender: the (line, error) pairs InfluxDB refused, or None (roll back).
+        self.outcome: Future = Future()
+        # True once deleted and committed, False once rolled back, or the lane's error.
+        self.done: Future = Future()
+
+    def abandon(self) -> None:
+        if not self.outcome.done():
+            self.outcome.set_result(None)
+
+
+class _Lane:
+    """A thread with a database connection of its own that holds one batch at a time:
+    it selects the rows, waits for the sender's outcome, then deletes and commits, or
+    rolls back."""
+
+    def __init__(self, name: str):
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def hold(self, batch_size: int, upto: int) -> _Batch:
+        batch = _Batch()
+        self._requests.put((batch, batch_size, upto))
+        return batch
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            while (request := self._requests.get()) is not None:
+                self._hold(*request)
+        finally:
+            connection.close()
+
+    def _hold(self, batch: _Batch, batch_size: int, upto: int) -> None:
+        try:
+            with transaction.atomic(), server_binding_cursor() as cursor:
+                # As in _flush_batch: a lost commit only sends its points again.
+                cursor.execute("SET LOCAL synchronous_commit = off")
+                cursor.execute(_FLUSH_SELECT_SQL, [upto, batch_size])
+                rows = cursor.fetchall()
+                batch.rows.set_result(rows)
+                if rows:
+                    rejected = batch.outcome.result()
+                    if rejected is None:
+                        raise _RolledBack
+                    _delete_shipped(cursor, rows, rejected)
+        except _RolledBack:
+            batch.done.set_result(False)
+        except BaseException as e:
+            (batch.done if batch.rows.done() else batch.rows).set_exception(e)
+            if isinstance(e, DatabaseError) and not connection.in_atomic_block:
+                connection.close_if_unusable_or_obsolete()
+            if not isinstance(e, Exception):
+                raise
+        else:
+            batch.done.set_result(True)
+
+
+def _flush_pipelined(
+    *, follow, batch_size, retries, config, upto, poll_interval, stop, on_batch
+) -> FlushReport:
+    """_flush_worker's loop (the same requests, retries, backoff and logging) with the
+    PostgreSQL work of its batches on two lanes: while InfluxDB takes one batch, the
+    next is selected and the previous one deleted and committed. A batch that fails is
+    rolled back, and so is the one selected beside it (the failed rows were locked while
+    it was selected)."""
+    report = FlushReport()
+    name = threading.current_thread().name
+    lanes = (_Lane(f"{name}-lane-a"), _Lane(f"{name}-lane-b"))
+    turns = itertools.cycle(lanes)
+    consecutive, failing_since = 0, None
+    ahead: _Batch | None = None
+    # The last batch sent, whose DELETE and COMMIT run beside the next POST.
+    settling: tuple[_Batch, list, list] | None = None
+
+    def settle(sent: tuple[_Batch, list, list] | None) -> None:
+        if sent is None:
+            return
+        batch, rows, rejected = sent
+        if batch.done.result():
+            _count_shipped(report, rows, rejected)
+            FLUSH_SECONDS.observe(time.perf_counter() - batch.started)
+            FLUSHED_POINTS.inc(len(rows))
+            if on_batch:
+                on_batch(len(rows))
+
+    try:
+        while not stop.is_set():
+            batch, ahead = ahead or next(turns).hold(batch_size, upto), None
+            rows = []
+            try:
+                rows = batch.rows.result()
+                if rows:
+                    ahead = next(turns).hold(batch_size, upto)
+                    rejected = _ship(rows, config)
+                    batch.outcome.set_result(rejected)
+                previous, settling = settling, (batch, rows, rejected) if rows else None
+                settle(previous)
+            except (InfluxDBUnavailable, DatabaseError) as e:
+                batch.abandon()
+                if ahead is not None:
+                    ahead.abandon()
+                    ahead = None
+                FLUSH_ERRORS.inc()
+                report.failures += 1
+                consecutive += 1
+                problems.event(
+                    FLUSH_FAILED, "Metrics flush failed (attempt %d): %s", consecutive, e
+                )
+                if not follow and consecutive >= retries:
+                    problems.flush(FLUSH_FAILED)
+                    raise
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                stop.wait(_backoff_delay(consecutive))
+                continue
+            except BaseException:
+                batch.abandon()
+                raise
+            if failing_since is not None:
+                problems.flush(FLUSH_FAILED)
+                logger.warning(
+                    "Metrics flush recovered after %.0f s", time.monotonic() - failing_since
+                )
+                consecutive, failing_since = 0, None
+            if rows:
+                continue
+            if not follow:
+                break
+            stop.wait(poll_interval)
+        settle(settling)
+        settling = None
+    finally:
+        for batch in (ahead, settling and settling[0]):
+            if batch is not None:
+                batch.abandon()
+        for lane in lanes:
+            lane.close()
     if failing_since is not None:
         # Stopped during an outage: what was counted is logged now, not at the next tick.
         problems.flush(FLUSH_FAILED)

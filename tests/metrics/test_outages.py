@@ -18,6 +18,7 @@ from django.db import connection
 
 from freeagentics.log_summary import SummaryLog
 from metrics import points, services
+from metrics.exceptions import InfluxDBUnavailable
 from metrics.models import OutboxPoint, RejectedPoint
 from metrics.services import RETRIES_RANGE, backoff_ceiling, outbox_add, outbox_flush
 
@@ -87,6 +88,32 @@ def test_retries_option_is_the_number_of_requests(failing_influxdb):
     with pytest.raises(CommandError):
         call_command("flush_metrics", "--retries", "3", stdout=StringIO())
     assert failing_influxdb.requests == 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_retries_are_requests_also_when_the_next_batch_is_selected_beside_the_post(
+    failing_influxdb,
+):
+    # Outside a transaction each batch's rows are selected, and deleted, on connections
+    # beside the one POST in flight (services._flush_pipelined): still one request an
+    # attempt, and a failed batch and the one selected beside it both stay.
+    outbox_add(_lines(25))
+    with pytest.raises(InfluxDBUnavailable):
+        outbox_flush(batch_size=10, retries=4)
+    assert failing_influxdb.requests == 4
+    assert OutboxPoint.objects.count() == 25
+
+
+@pytest.mark.django_db(transaction=True)
+def test_refused_points_are_isolated_also_when_batches_are_selected_beside_the_post(
+    influxd, influx_v1
+):
+    lines = _with_conflicts(300, {5, 250})
+    report, _, _ = _isolate(influxd, influx_v1, lines)
+    assert (report.sent, report.rejected) == (298, 2)
+    assert set(RejectedPoint.objects.values_list("line", flat=True)) == {lines[5], lines[250]}
+    assert OutboxPoint.objects.count() == 0
+    assert influxd.count(influx_v1, "agent_beliefs", "energy_level") == 298
 
 
 @pytest.mark.django_db
