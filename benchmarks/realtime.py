@@ -70,6 +70,9 @@ from common import median, percentile, report, setup  # noqa: E402
 
 CONNECT_CONCURRENCY = 50
 TIMESTAMP = re.compile(rb'"timestamp":([0-9.e+-]+)')
+# A frame's seq is Redis' clock (µs) when its batch was appended: it splits commit ->
+# receive into commit -> appended (the publisher) and appended -> received (the hub on).
+SEQ = re.compile(rb'"seq":([0-9]+)')
 OVERFLOW = b'{"type":"overflow"'
 # One commit costs ~20 ms on this machine's disk (fsync), so 1,000 updates/s means
 # batches of 50 every 50 ms. Latency is measured from each commit, not from the batch start.
@@ -88,6 +91,7 @@ async def run_clients(args) -> None:
     headers = {"Authorization": f"Bearer {args.token}"}
     state = {"recording": False, "closed": 0, "dropped": 0, "messages": 0, "frames": 0}
     latencies = array("d")
+    published = array("d")
     sockets = []
     readers = []
 
@@ -106,6 +110,11 @@ async def run_clients(args) -> None:
                     continue
                 stamps = TIMESTAMP.findall(raw)
                 latencies.extend([now - float(t) for t in stamps])
+                seqs = SEQ.findall(raw)
+                if len(seqs) == len(stamps):
+                    published.extend(
+                        [int(q) / 1e6 - float(t) for q, t in zip(seqs, stamps, strict=True)]
+                    )
                 state["messages"] += len(stamps)
         except Exception:
             pass
@@ -146,6 +155,7 @@ async def run_clients(args) -> None:
             break
         state.update(recording=True, closed=0, dropped=0, messages=0, frames=0)
         del latencies[:]
+        del published[:]
         started = time.time()
         await loop.run_in_executor(None, sys.stdin.readline)
         state["recording"] = False
@@ -161,6 +171,7 @@ async def run_clients(args) -> None:
                     "frames": state["frames"],
                     "elapsed": elapsed,
                     "latencies": latencies.tolist(),
+                    "published": published.tolist(),
                 }
             ),
             flush=True,
@@ -527,13 +538,21 @@ class Clients:
             proc.stdin.flush()
 
     def results(self) -> dict:
-        merged = {"latencies": [], "messages": 0, "frames": 0, "closed": 0, "dropped": 0}
+        merged = {
+            "latencies": [],
+            "published": [],
+            "messages": 0,
+            "frames": 0,
+            "closed": 0,
+            "dropped": 0,
+        }
         elapsed = []
         for proc in self.procs:
             result = json.loads(proc.stdout.readline())
             for key in ("messages", "frames", "closed", "dropped"):
                 merged[key] += result[key]
             merged["latencies"] += result["latencies"]
+            merged["published"] += result["published"]
             elapsed.append(result["elapsed"])
         merged["elapsed"] = max(elapsed)
         return merged
@@ -622,6 +641,7 @@ def measure(
         return (after.user - before.user + after.system - before.system) / wall
 
     latencies = result.pop("latencies")
+    published = result.pop("published")
     return {
         **result,
         "updates": done,
@@ -639,6 +659,9 @@ def measure(
         "p95_ms": percentile(latencies, 95) * 1000,
         "p99_ms": percentile(latencies, 99) * 1000,
         "max_ms": max(latencies, default=float("nan")) * 1000,
+        # commit -> appended to the stream (the publisher thread), from each frame's seq.
+        "published_p50_ms": percentile(published, 50) * 1000,
+        "published_p99_ms": percentile(published, 99) * 1000,
         # Messages of the updates committed in the driving window, per second of it.
         "delivered_per_s": result["messages"] / driving,
     }
@@ -790,6 +813,10 @@ def describe(result: dict) -> list[tuple[str, str]]:
             "commit->receive p50/p95/p99 (max)",
             f"{result['p50_ms']:.1f} / {result['p95_ms']:.1f} / {result['p99_ms']:.1f} ms "
             f"({result['max_ms']:.0f} ms)",
+        ),
+        (
+            "of which commit->appended p50/p99",
+            f"{result['published_p50_ms']:.1f} / {result['published_p99_ms']:.1f} ms",
         ),
         ("dropped (overflow) / closed", f"{result['dropped']:,} / {result['closed']}"),
         (
@@ -1041,7 +1068,9 @@ def main():
                 (
                     f"{variant}: watchers p50 / p99 (median of {len(runs)})",
                     f"{median([r['p50_ms'] for r in runs]):.1f} / "
-                    f"{median([r['p99_ms'] for r in runs]):.1f} ms; updates/s done "
+                    f"{median([r['p99_ms'] for r in runs]):.1f} ms (commit -> appended p50 / "
+                    f"p99 {median([r['published_p50_ms'] for r in runs]):.1f} / "
+                    f"{median([r['published_p99_ms'] for r in runs]):.1f} ms); updates/s done "
                     f"{median([r['achieved_rate'] for r in runs]):,.0f}; server CPU "
                     f"{median([r['server_cpu'] for r in runs]) * 100:.0f}% of a core; "
                     f"load {median([r['load_average'] for r in runs]):.1f}",
