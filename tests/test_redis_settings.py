@@ -50,7 +50,7 @@ def load_settings(env: dict):
     )
 
 
-def test_sentinel_variables_configure_the_cache_and_both_channel_layers_at_start_up():
+def test_sentinel_variables_configure_the_cache_and_the_channel_layer_at_start_up():
     result = load_settings({**SENTINELS, "REDIS_DB": "2", "REDIS_PASSWORD": "pw"})
     assert result.returncode == 0, result.stderr
     loaded = json.loads(result.stdout)
@@ -62,11 +62,12 @@ def test_sentinel_variables_configure_the_cache_and_both_channel_layers_at_start
     assert cache["OPTIONS"]["CONNECTION_POOL_CLASS"] == "redis.sentinel.SentinelConnectionPool"
     assert cache["OPTIONS"]["SENTINELS"] == sentinels
     assert cache["OPTIONS"]["PASSWORD"] == "pw"
-    for alias in ("default", "realtime"):
-        (host,) = loaded["layers"][alias]["CONFIG"]["hosts"]
-        assert (host["sentinels"], host["master_name"], host["db"]) == (sentinels, "mymaster", 2)
-        assert host["password"] == "pw"
-        assert host["sentinel_kwargs"]["socket_timeout"] > 0
+    # One layer: agent updates travel on streams (realtime.history, redis_connection).
+    assert list(loaded["layers"]) == ["default"]
+    (host,) = loaded["layers"]["default"]["CONFIG"]["hosts"]
+    assert (host["sentinels"], host["master_name"], host["db"]) == (sentinels, "mymaster", 2)
+    assert host["password"] == "pw"
+    assert host["sentinel_kwargs"]["socket_timeout"] > 0
     # No URL to parse anywhere: the backups ask the sentinels (backups.redisio.target).
     assert (loaded["url"], loaded["backup"], loaded["retry"]) == ("", "", 1.0)
 
@@ -77,9 +78,8 @@ def test_one_server_keeps_its_url_everywhere():
     loaded = json.loads(result.stdout)
     assert loaded["caches"]["default"]["LOCATION"] == "redis://cache.example:6380/4"
     assert loaded["caches"]["default"]["OPTIONS"]["CLIENT_CLASS"].endswith("DefaultClient")
-    for alias in ("default", "realtime"):
-        (host,) = loaded["layers"][alias]["CONFIG"]["hosts"]
-        assert host["address"] == "redis://cache.example:6380/4"
+    (host,) = loaded["layers"]["default"]["CONFIG"]["hosts"]
+    assert host["address"] == "redis://cache.example:6380/4"
     assert loaded["backup"] == "redis://cache.example:6380/4"
     assert loaded["retry"] == 5.0
 
