@@ -32,6 +32,7 @@ BENCH_ORDER = [
     "BENCH-metrics.md",
     "BENCH-backup.md",
     "BENCH-connections.md",
+    "BENCH-history.md",
 ]
 
 
