@@ -7,11 +7,14 @@ of its own, so InfluxDB's count equals N only if every point arrived, and a poin
 twice (a killed flusher's batch, shipped again by another) overwrites itself instead of
 adding one; test_a_resent_point_overwrites_itself_in_influxdb shows that."""
 
+import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -44,6 +47,39 @@ def lines(count: int, *, first: int = 0, offset_ns: int = 0) -> list[str]:
     ]
 
 
+@contextlib.contextmanager
+def hung_influxdb():
+    """The URL of an "InfluxDB" that accepts connections, reads requests and never
+    answers (a server stuck mid-write), held open until the block ends."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            held.append(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
 def flusher_env(database: str) -> dict:
     db = settings.DATABASES["default"]
     credentials = quote(db["USER"]) + (f":{quote(db['PASSWORD'])}" if db["PASSWORD"] else "")
@@ -63,13 +99,19 @@ def flusher_env(database: str) -> dict:
     }
 
 
-def start_flushers(database: str, *options: str, count: int = FLUSHERS) -> list[subprocess.Popen]:
+def start_flushers(
+    database: str, *options: str, count: int = FLUSHERS, influxdb_url: str | None = None
+) -> list[subprocess.Popen]:
     command = [sys.executable, "manage.py", "flush_metrics", "-v", "0", "--batch-size", str(BATCH)]
+    env = flusher_env(database)
+    if influxdb_url is not None:
+        # Its post must outlast the test, not fail at the default 10 s read timeout.
+        env.update(INFLUXDB_URL=influxdb_url, INFLUXDB_TIMEOUT_MS="120000")
     return [
         subprocess.Popen(
             [*command, *options],
             cwd=ROOT,
-            env=flusher_env(database),
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -147,40 +189,50 @@ def test_three_flushers_share_the_outbox_and_send_each_point_once(influxd, influ
 
 
 def test_a_flusher_killed_holding_a_batch_loses_nothing_and_duplicates_nothing(influxd, influx_v1):
-    procs = start_flushers(influx_v1, "--follow", "--interval", "0.05")
-    victim, survivors = procs[0], procs[1:]
-    try:
-        # All three connected and polling before there is work, so all three compete.
-        for proc in procs:
-            wait_for(lambda proc=proc: backend_ports(proc.pid), f"flusher {proc.pid} to connect")
-        outbox_add(lines(POINTS))
-        # Midway: some batches are in, and the victim is posting one.
-        wait_for(
-            lambda: outbox_rows() < POINTS and holds_a_batch(victim.pid),
-            "the victim to hold a batch after the first ones were delivered",
-            timeout=30,
-        )
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(10)
-        left_at_kill = outbox_rows()
-        wait_for(lambda: outbox_rows() == 0, "the survivors to empty the outbox")
-        wait_for(
-            lambda: influxd.count(influx_v1, MEASUREMENT, FIELD) == POINTS,
-            "InfluxDB to hold every point",
-        )
-        for proc in survivors:
-            proc.send_signal(signal.SIGTERM)
-        results = finished(survivors)
-    finally:
-        for proc in procs:
-            stop_process(proc, 10)
-
+    follow = ("--follow", "--interval", "0.05")
+    with hung_influxdb() as hung:
+        # The victim's InfluxDB never answers, and the survivors start once it holds a
+        # batch: it is caught mid-post every time, instead of when polling happened to
+        # see it between its SELECT and its DELETE (fast survivors once emptied the
+        # outbox before the victim took a batch).
+        (victim,) = start_flushers(influx_v1, *follow, count=1, influxdb_url=hung)
+        procs = [victim]
+        try:
+            wait_for(lambda: backend_ports(victim.pid), "the victim to connect")
+            outbox_add(lines(POINTS))
+            wait_for(lambda: holds_a_batch(victim.pid), "the victim to hold a batch", timeout=30)
+            survivors = start_flushers(influx_v1, *follow, count=FLUSHERS - 1)
+            procs += survivors
+            # Midway: some batches are in, and the victim is still posting its own.
+            wait_for(lambda: outbox_rows() < POINTS, "the survivors' first batches")
+            assert holds_a_batch(victim.pid)
+            killed = _kill_and_drain(victim, survivors, influxd, influx_v1)
+        finally:
+            for proc in procs:
+                stop_process(proc, 10)
+    left_at_kill, results = killed
     assert victim.returncode == -signal.SIGKILL
     # The victim's batch (at least) was still in the outbox when it died.
     assert 0 < left_at_kill < POINTS
     assert sum(sent for _, sent in results) >= left_at_kill
     assert influxd.count(influx_v1, MEASUREMENT, FIELD) == POINTS
     assert influx_sum(influxd, influx_v1) == sum(range(POINTS))
+
+
+def _kill_and_drain(victim, survivors, influxd, influx_v1):
+    """SIGKILL the victim; let the survivors empty the outbox, then stop them.
+    (rows left in the outbox at the kill, the survivors' results)."""
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    left_at_kill = outbox_rows()
+    wait_for(lambda: outbox_rows() == 0, "the survivors to empty the outbox")
+    wait_for(
+        lambda: influxd.count(influx_v1, MEASUREMENT, FIELD) == POINTS,
+        "InfluxDB to hold every point",
+    )
+    for proc in survivors:
+        proc.send_signal(signal.SIGTERM)
+    return left_at_kill, finished(survivors)
 
 
 def test_a_resent_point_overwrites_itself_in_influxdb(influxd, influx_v1):
