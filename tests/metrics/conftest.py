@@ -70,7 +70,10 @@ class _Server:
     def command(self) -> list[str]:
         raise NotImplementedError
 
-    def start(self) -> None:
+    def new_ports(self) -> None:
+        self.port = _free_port()
+
+    def start(self, attempts: int = 3) -> None:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -79,6 +82,10 @@ class _Server:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if attempts > 1 and "address already in use" in self.log_tail():
+                    # Another process took the free port between choosing and binding.
+                    self.new_ports()
+                    return self.start(attempts - 1)
                 pytest.fail(
                     f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}"
                 )
@@ -157,6 +164,10 @@ bind-address = "127.0.0.1:{self.rpc_port}"
 """
         )
         return [self.binary, "run", "-config", str(self.config_path)]
+
+    def new_ports(self) -> None:
+        super().new_ports()
+        self.rpc_port = _free_port()
 
     def start(self) -> None:
         super().start()
