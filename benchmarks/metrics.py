@@ -14,6 +14,12 @@
    HTTP (http.client, one keep-alive connection). Target: >= 50,000 points/s.
 3. The same flush through influxdb-client's /api/v2/write to VictoriaMetrics, for
    the v2 path's overhead.
+4. `manage.py flush_metrics` itself, a process per chunk of --command-points, against
+   the same lines POSTed over HTTP in the same batches: the flush as the command times
+   it (-v 2), and the process's start-up (interpreter, Django, connections) apart.
+   Target: >= 0.9 of the plain HTTP batches.
+
+    .venv/bin/python benchmarks/metrics.py --only command    # sections 4 alone, ~3 minutes
 
 Variants alternate at fine grain and figures are medians of rounds: the machine is
 shared and noisy.
@@ -22,7 +28,10 @@ shared and noisy.
 import argparse
 import http.client
 import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +42,7 @@ os.environ.setdefault(
 )
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/14")
 
-from common import median, report, setup
+from common import ROOT, median, report, setup
 
 # Lines shaped like the agent service's: 2,000 agents in 8 tenants, distinct timestamps.
 _BACKLOG_SQL = """
@@ -57,8 +66,15 @@ def main():
     parser.add_argument("--flush-batch", type=int, default=5_000)
     parser.add_argument("--flush-chunk", type=int, default=25_000)
     parser.add_argument("--backlog", type=int, default=1_000_000)
+    parser.add_argument("--command-points", type=int, default=100_000)
+    parser.add_argument("--command-rounds", type=int, default=5)
+    parser.add_argument(
+        "--only", choices=("command",), help="Run section 4 (the flush_metrics command) alone."
+    )
     args = parser.parse_args()
     setup()
+    if args.only == "command":
+        return flush_command(args)
 
     import numpy as np
     from django.conf import settings
@@ -88,11 +104,12 @@ def main():
     ids = list(Agent.objects.filter(tenant=tenant).values_list("id", flat=True))
     beliefs = [rng.dirichlet(np.ones(64)) for _ in range(256)]
 
-    import agents.services as agent_services
+    # The agent services send a signal; metrics.receivers calls the recording hook.
+    import metrics.receivers as receivers
 
-    # Benchmark-only instrumentation: the time the agent services spend in the hook.
+    # Benchmark-only instrumentation: the time the agent write spends in the hook.
     recording: list[float] = []
-    real_record = agent_services.agent_metrics_record
+    real_record = receivers.agent_metrics_record
 
     def timed_record(**kwargs):
         start = time.perf_counter()
@@ -102,7 +119,7 @@ def main():
             if settings.METRICS_RECORD:
                 recording.append(time.perf_counter() - start)
 
-    agent_services.agent_metrics_record = timed_record
+    receivers.agent_metrics_record = timed_record
 
     def one_batch(start: int, record: bool) -> float:
         settings.METRICS_RECORD = record
@@ -317,7 +334,132 @@ def main():
         Agent.objects.filter(tenant=tenant).delete()
         with connection.cursor() as cursor:
             cursor.execute("DELETE FROM agent_history WHERE agent_id = ANY(%s::uuid[])", [ids])
+    flush_command(args)
     return results
+
+
+def flush_command(args) -> None:
+    """Section 4: `manage.py flush_metrics` processes against plain HTTP batches."""
+    from django.db import connection
+
+    from tests.metrics.conftest import InfluxDB
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-flush-command-"))
+    (workdir / "influxd").mkdir()
+    influxd = InfluxDB(workdir / "influxd")
+    influxd.start()
+    clock = [time.time_ns() - 10**15]
+    points = args.command_points
+
+    def fill_fresh(count: int) -> None:
+        clock[0] += count * 1_000 + 1
+        with connection.cursor() as cursor:
+            cursor.execute("TRUNCATE metrics_outbox")
+            cursor.execute(_BACKLOG_SQL, [clock[0], count])
+
+    try:
+        database = influxd.create_database()
+        env = {
+            **os.environ,
+            "INFLUXDB_URL": influxd.url,
+            "INFLUXDB_API": "v1",
+            "INFLUXDB_TOKEN": "",
+            "INFLUXDB_DATABASE": database,
+            "INFLUXDB_RETENTION_POLICY": "",
+            "METRICS_OUTBOX_MAX_POINTS": "100000000",
+        }
+
+        def command(workers: int):
+            def run() -> tuple[float, float]:
+                fill_fresh(points)
+                began = time.perf_counter()
+                flags = ["-v", "2", "--batch-size", str(args.flush_batch)]
+                flags += ["--workers", str(workers)]
+                done = subprocess.run(
+                    [sys.executable, "manage.py", "flush_metrics", *flags],
+                    cwd=ROOT,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                wall = time.perf_counter() - began
+                assert f"{points} point(s) sent" in done.stdout, done.stdout
+                flushed = float(re.search(r"Flushed in ([0-9.]+) s", done.stdout).group(1))
+                return flushed, wall
+
+            return run
+
+        def floor() -> tuple[float, float]:
+            fill_fresh(points)
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT line FROM metrics_outbox ORDER BY id")
+                lines = [row[0] for row in cursor.fetchall()]
+                cursor.execute("TRUNCATE metrics_outbox")
+            bodies = [
+                "\n".join(lines[i : i + args.flush_batch]).encode()
+                for i in range(0, len(lines), args.flush_batch)
+            ]
+            conn = http.client.HTTPConnection("127.0.0.1", influxd.port, timeout=60)
+            began = time.perf_counter()
+            for body in bodies:
+                conn.request(
+                    "POST",
+                    f"/write?db={database}&precision=ns",
+                    body=body,
+                    headers={"Content-Type": "text/plain; charset=utf-8"},
+                )
+                response = conn.getresponse()
+                response.read()
+                assert response.status == 204, response.status
+            elapsed = time.perf_counter() - began
+            conn.close()
+            return elapsed, elapsed
+
+        command(1)()  # creates the series: not timed
+        variants = {
+            "flush_metrics, 1 worker": command(1),
+            "flush_metrics --workers 2": command(2),
+            "floor: same lines POSTed over HTTP": floor,
+        }
+        names = list(variants)
+        flushed: dict[str, list[float]] = {name: [] for name in names}
+        walls: dict[str, list[float]] = {name: [] for name in names}
+        for k in range(args.command_rounds):
+            for name in names[k % len(names) :] + names[: k % len(names)]:
+                inside, wall = variants[name]()
+                flushed[name].append(points / inside)
+                walls[name].append(wall - inside)
+        floor_name = names[-1]
+        rows = []
+        for name in names[:-1]:
+            ratios = [f / c for f, c in zip(flushed[name], flushed[floor_name], strict=True)]
+            rows.append(
+                (
+                    name,
+                    f"{median(flushed[name]):,.0f} points/s timed by the command "
+                    f"(rounds: {', '.join(f'{r:,.0f}' for r in flushed[name])}); "
+                    f"{median(ratios):.2f} of the floor, per round (target >= 0.9); "
+                    f"start-up and exit {median(walls[name]):.2f} s a process",
+                )
+            )
+        rows.append(
+            (
+                floor_name,
+                f"{median(flushed[floor_name]):,.0f} points/s "
+                f"(rounds: {', '.join(f'{r:,.0f}' for r in flushed[floor_name])})",
+            )
+        )
+        report(
+            f"flush_metrics command ({points:,} points a process, batches of "
+            f"{args.flush_batch:,}; {args.command_rounds} rounds, the order rotating)",
+            rows,
+        )
+    finally:
+        influxd.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+        with connection.cursor() as cursor:
+            cursor.execute("TRUNCATE metrics_outbox")
 
 
 if __name__ == "__main__":
